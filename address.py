@@ -1,0 +1,168 @@
+"""Reverse-paths, forward-paths and ESMTP parameters, parsed as RFC 5321 4.1.2 writes them.
+
+    Path        = "<" [ A-d-l ":" ] Mailbox ">"
+    Mailbox     = Local-part "@" ( Domain / address-literal )
+    Local-part  = Dot-string / Quoted-string
+
+Pure functions over strings: `parse_path` returns a `Path` or raises `AddressError` with a
+short reason that the reply quotes.
+"""
+import ipaddress
+import re
+from typing import NamedTuple
+
+# RFC 5321 4.5.3.1.1-3: size limits
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 256
+
+# RFC 5322 3.2.3: atext, the characters of an unquoted local part
+ATOM = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~]+"
+DOT_STRING = re.compile(rf"{ATOM}(?:\.{ATOM})*")
+# RFC 5321 4.1.2: qtextSMTP (32-33, 35-91, 93-126) or a quoted pair (backslash, 32-126)
+QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
+# RFC 5321 4.1.2: sub-domain = Let-dig [Ldh-str]
+SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+DOMAIN = re.compile(rf"{SUB_DOMAIN}(?:\.{SUB_DOMAIN})*")
+# RFC 5321 4.1.2: esmtp-keyword and esmtp-value
+ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+ESMTP_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
+
+
+class AddressError(ValueError):
+    """The path is not RFC 5321 syntax; the message says why, in a few words."""
+
+
+class Path(NamedTuple):
+    local_part: str     # as written, quotes removed ("a b"@x has local part `a b`)
+    domain: str         # lower-cased; an address literal keeps its brackets: [127.0.0.1]
+
+    @property
+    def address(self):
+        return f"{quote_local_part(self.local_part)}@{self.domain}"
+
+    @property
+    def is_literal(self):
+        return self.domain.startswith("[")
+
+
+NULL_PATH = Path("", "")        # the reverse path <> (RFC 5321 4.5.5)
+
+
+def parse_path(text, allow_null=False, allow_bare_postmaster=False):
+    """Parse `<...>` into a Path. `<>` only where allowed (a reverse path);
+    `<Postmaster>` without a domain only where allowed (RCPT, RFC 5321 4.1.1.3)."""
+    if len(text) > MAX_PATH:
+        raise AddressError(f"path longer than {MAX_PATH} octets")
+    if not (text.startswith("<") and text.endswith(">")):
+        raise AddressError("angle brackets required, as in <user@example.org>")
+    inner = text[1:-1]
+    if inner == "":
+        if allow_null:
+            return NULL_PATH
+        raise AddressError("empty path")
+    if allow_bare_postmaster and inner.lower() == "postmaster":
+        return Path("postmaster", "")
+    mailbox = _strip_source_route(inner)
+    return parse_mailbox(mailbox)
+
+
+def _strip_source_route(inner):
+    """RFC 5321 4.1.2 and C: a source route `@a,@b:user@c` is accepted and ignored."""
+    if not inner.startswith("@"):
+        return inner
+    route, colon, mailbox = inner.partition(":")
+    if not colon:
+        raise AddressError("source route without ':'")
+    for hop in route.split(","):
+        if not hop.startswith("@") or not DOMAIN.fullmatch(hop[1:]):
+            raise AddressError("bad source route")
+    return mailbox
+
+
+def parse_mailbox(text):
+    local_part, domain = _split_mailbox(text)
+    if len(local_part.encode()) > MAX_LOCAL_PART:
+        raise AddressError(f"local part longer than {MAX_LOCAL_PART} octets")
+    if len(domain) > MAX_DOMAIN:
+        raise AddressError(f"domain longer than {MAX_DOMAIN} octets")
+    return Path(_unquote(local_part), _parse_domain(domain))
+
+
+def _split_mailbox(text):
+    if text.startswith('"'):
+        match = QUOTED_STRING.match(text)
+        if not match:
+            raise AddressError("bad quoted local part")
+        local_part, rest = match.group(), text[match.end():]
+    else:
+        local_part, at, rest = text.rpartition("@")
+        if not at:
+            raise AddressError("no @domain")
+        rest = "@" + rest
+        if not DOT_STRING.fullmatch(local_part):
+            raise AddressError("bad local part")
+    if not rest.startswith("@") or len(rest) == 1:
+        raise AddressError("no @domain")
+    return local_part, rest[1:]
+
+
+def _parse_domain(text):
+    if text.startswith("["):
+        return _parse_address_literal(text)
+    if not DOMAIN.fullmatch(text):
+        raise AddressError("bad domain")
+    return text.lower()
+
+
+def _parse_address_literal(text):
+    """RFC 5321 4.1.3: [1.2.3.4] or [IPv6:...]; the general form is not accepted."""
+    if not text.endswith("]"):
+        raise AddressError("bad address literal")
+    body = text[1:-1]
+    try:
+        if body[:5].lower() == "ipv6:":
+            return f"[IPv6:{ipaddress.IPv6Address(body[5:]).compressed}]"
+        return f"[{ipaddress.IPv4Address(body)}]"
+    except ValueError:
+        raise AddressError("bad address literal") from None
+
+
+def _unquote(local_part):
+    if not local_part.startswith('"'):
+        return local_part
+    return re.sub(r"\\(.)", r"\1", local_part[1:-1])
+
+
+def quote_local_part(local_part):
+    """The shortest RFC 5321 form: a Dot-string when it is one, else a Quoted-string."""
+    if DOT_STRING.fullmatch(local_part):
+        return local_part
+    return '"' + re.sub(r'(["\\])', r"\\\1", local_part) + '"'
+
+
+def parse_parameters(text):
+    """`SIZE=1000 BODY=8BITMIME` -> {"SIZE": "1000", "BODY": "8BITMIME"} (RFC 5321 4.1.2).
+    Keywords are case-insensitive (upper-cased here); a keyword without a value maps to None."""
+    parameters = {}
+    for item in text.split():
+        keyword, equals, value = item.partition("=")
+        if not ESMTP_KEYWORD.fullmatch(keyword) or (equals and not ESMTP_VALUE.fullmatch(value)):
+            raise AddressError(f"bad parameter {item!r}")
+        parameters[keyword.upper()] = value if equals else None
+    return parameters
+
+
+def split_path_and_parameters(text):
+    """`<a@b> SIZE=10` -> ("<a@b>", "SIZE=10"). The path ends at the first `>` outside quotes."""
+    in_quotes = escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            in_quotes = not in_quotes
+        elif char == ">" and not in_quotes:
+            return text[:index + 1], text[index + 1:].strip()
+    return text, ""

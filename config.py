@@ -1,0 +1,344 @@
+"""The outside of the server: command-line flags and conf/smtpd.conf, checked once at start-up.
+
+Everything the rest of the code needs from the user arrives here as one frozen `Config`.
+A bad value stops the server with one line naming the key (`ConfigError`), never a traceback.
+"""
+import argparse
+import configparser
+import ipaddress
+import os
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG_FILE = os.path.join(HERE, "conf", "smtpd.conf")
+
+# The built-in defaults, the same as the shipped conf/smtpd.conf. Every key the server knows
+# is listed here; a key in the file that is not here is an error (a typo should not pass silently).
+DEFAULTS = {
+    "server": {
+        "hostname": "mail.test.ru",
+        "max_clients": "1000",
+        "max_clients_per_ip": "50",
+        "timeout": "300",
+        "max_message_size": "10485760",
+        "max_recipients": "100",
+        "max_errors": "10",
+        "user": "nobody",
+    },
+    "domains": {"local": "test.ru"},
+    "users": {"file": "conf/users"},
+    "storage": {"maildir": "mail", "spool": "spool"},
+    "relay": {
+        "networks": "127.0.0.0/8, ::1/128",
+        "nameservers": "",
+        "routes": "",
+        "port": "25",
+        "retry": "60, 300, 900, 3600",
+        "max_queue_age": "432000",
+        "workers": "8",
+        "connect_timeout": "30",
+        "command_timeout": "300",
+        "data_timeout": "600",
+        "tls": "yes",
+    },
+    "tls": {"cert": "", "key": "", "submission_port": "0"},
+    "auth": {"allow_plaintext": "no", "failure_delay": "1", "max_failures": "3"},
+    "log": {"dir": "logs", "level": "INFO", "trace": "no"},
+}
+
+
+class ConfigError(Exception):
+    """A bad flag or config value; the message is the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class Config:
+    ip: str
+    port: int
+    hostname: str
+    max_clients: int
+    max_clients_per_ip: int
+    timeout: float
+    max_message_size: int
+    max_recipients: int
+    max_errors: int
+    user: str
+    local_domains: tuple
+    users_file: str
+    maildir: str
+    spool: str
+    relay_networks: tuple
+    nameservers: tuple          # ((host, port), ...); empty: the system resolver
+    routes: dict                # domain -> (host, port)
+    relay_port: int             # the port of a remote MX (25; tests use their own)
+    retry: tuple                # seconds between attempts; the last one repeats
+    max_queue_age: int
+    relay_workers: int
+    connect_timeout: float
+    command_timeout: float
+    data_timeout: float
+    relay_tls: str              # yes (opportunistic), no, require
+    tls_cert: str
+    tls_key: str
+    submission_port: int        # 0: no submission listener (RFC 6409)
+    auth_allow_plaintext: bool
+    auth_failure_delay: float
+    auth_max_failures: int
+    log_dir: str
+    log_level: str
+    trace: bool
+    config_file: str
+
+
+def build_parser():
+    parser = _OneLineParser(
+        prog="smtpd.py",
+        description="A small, readable SMTP server (RFC 5321): local Maildir delivery and relay.",
+    )
+    parser.add_argument("ip", nargs="?", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; ::1 for IPv6)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 25)")
+    parser.add_argument("--config", help="config file (default conf/smtpd.conf next to smtpd.py)")
+    parser.add_argument("--domain", action="append",
+                        help="a local domain; repeat for several (replaces [domains] local)")
+    parser.add_argument("--maildir", help="root of the Maildir tree (default: mail)")
+    parser.add_argument("--spool", help="directory of the relay queue (default: spool)")
+    parser.add_argument("--trace", action="store_true",
+                        help="show state changes and the RFC section behind each reply")
+    parser.add_argument("--queue", action="store_true",
+                        help="list the relay queue (like Postfix's mailq) and exit")
+    parser.add_argument("--flush", action="store_true",
+                        help="make every queued message due now (like postqueue -f) and exit")
+    parser.add_argument("--add-user", metavar="USER@DOMAIN",
+                        help="add a mailbox, prompting for its password, and exit")
+    parser.add_argument("--fsm", nargs="?", const="mermaid", choices=("mermaid", "dot"),
+                        help="print the state machine (Mermaid, or Graphviz with 'dot') and exit")
+    return parser
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(f"{message} (see --help)")
+
+
+def load(argv):
+    """Parse the command line and the config file into (Config, the parsed flags)."""
+    args = build_parser().parse_args(argv)
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: not a port number (0-65535)")
+    config_file = args.config or DEFAULT_CONFIG_FILE
+    sections = read_file(config_file, required=args.config is not None)
+    if args.domain:
+        sections["domains"]["local"] = ",".join(args.domain)
+    if args.maildir:
+        sections["storage"]["maildir"] = args.maildir
+    if args.spool:
+        sections["storage"]["spool"] = args.spool
+    if args.trace:
+        sections["log"]["trace"] = "yes"
+    config = from_sections(sections, ip=args.ip, port=args.port, config_file=config_file)
+    return config, args
+
+
+def read_file(path, required=True):
+    """Read an INI file over the defaults; return {section: {key: value}}."""
+    sections = {name: dict(keys) for name, keys in DEFAULTS.items()}
+    if not os.path.exists(path):
+        if required:
+            raise ConfigError(f"--config {path}: no such file")
+        return sections
+    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
+    try:
+        with open(path, encoding="utf-8") as config_text:
+            parser.read_file(config_text)
+    except (OSError, UnicodeDecodeError, configparser.Error) as error:
+        first_line = str(error).splitlines()[0]
+        raise ConfigError(f"{path}: {first_line}") from None
+    for section in parser.sections():
+        if section not in sections:
+            raise ConfigError(f"{path}: unknown section [{section}]")
+        for key, value in parser.items(section):
+            if key not in sections[section]:
+                raise ConfigError(f"{path}: unknown key [{section}] {key}")
+            sections[section][key] = value.strip()
+    return sections
+
+
+def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
+    """Check every value and build the Config. Used by load() and by tests."""
+    value = _Reader(sections)
+    _check_ip(ip)
+    return Config(
+        ip=ip,
+        port=port if port is not None else 25,
+        hostname=value.hostname("server", "hostname"),
+        max_clients=value.integer("server", "max_clients", minimum=1),
+        max_clients_per_ip=value.integer("server", "max_clients_per_ip", minimum=1),
+        timeout=value.number("server", "timeout"),
+        max_message_size=value.integer("server", "max_message_size", minimum=1),
+        max_recipients=value.integer("server", "max_recipients", minimum=1),
+        max_errors=value.integer("server", "max_errors", minimum=1),
+        user=value.text("server", "user"),
+        local_domains=value.domains("domains", "local"),
+        users_file=value.text("users", "file"),
+        maildir=value.text("storage", "maildir"),
+        spool=value.text("storage", "spool"),
+        relay_networks=value.networks("relay", "networks"),
+        nameservers=value.host_ports("relay", "nameservers", default_port=53),
+        routes=value.routes("relay", "routes"),
+        relay_port=value.integer("relay", "port", minimum=1, maximum=65535),
+        retry=value.retry("relay", "retry"),
+        max_queue_age=value.integer("relay", "max_queue_age", minimum=0),
+        relay_workers=value.integer("relay", "workers", minimum=1),
+        connect_timeout=value.number("relay", "connect_timeout"),
+        command_timeout=value.number("relay", "command_timeout"),
+        data_timeout=value.number("relay", "data_timeout"),
+        relay_tls=value.choice("relay", "tls", ("yes", "no", "require")),
+        tls_cert=value.text("tls", "cert", required=False),
+        tls_key=value.text("tls", "key", required=False),
+        submission_port=value.integer("tls", "submission_port", minimum=0, maximum=65535),
+        auth_allow_plaintext=value.boolean("auth", "allow_plaintext"),
+        auth_failure_delay=value.number("auth", "failure_delay", minimum=0),
+        auth_max_failures=value.integer("auth", "max_failures", minimum=1),
+        log_dir=value.text("log", "dir"),
+        log_level=value.choice("log", "level", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+        trace=value.boolean("log", "trace"),
+        config_file=config_file,
+    )
+
+
+def _check_ip(ip):
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise ConfigError(f"IP {ip!r}: not an IPv4 or IPv6 address") from None
+
+
+class _Reader:
+    """Typed access to the raw strings, each failure naming its [section] key."""
+
+    def __init__(self, sections):
+        self.sections = sections
+
+    def raw(self, section, key):
+        return self.sections[section][key].strip()
+
+    def fail(self, section, key, problem):
+        raise ConfigError(f"[{section}] {key} = {self.raw(section, key)!r}: {problem}")
+
+    def text(self, section, key, required=True):
+        text = self.raw(section, key)
+        if required and not text:
+            self.fail(section, key, "must not be empty")
+        return text
+
+    def integer(self, section, key, minimum=None, maximum=None):
+        try:
+            number = int(self.raw(section, key))
+        except ValueError:
+            self.fail(section, key, "not an integer")
+        if minimum is not None and number < minimum:
+            self.fail(section, key, f"must be at least {minimum}")
+        if maximum is not None and number > maximum:
+            self.fail(section, key, f"must be at most {maximum}")
+        return number
+
+    def number(self, section, key, minimum=None):
+        try:
+            number = float(self.raw(section, key))
+        except ValueError:
+            self.fail(section, key, "not a number")
+        if minimum is None and number <= 0:
+            self.fail(section, key, "must be more than 0")
+        if minimum is not None and number < minimum:
+            self.fail(section, key, f"must be at least {minimum}")
+        return number
+
+    def boolean(self, section, key):
+        word = self.raw(section, key).lower()
+        if word in ("yes", "true", "on", "1"):
+            return True
+        if word in ("no", "false", "off", "0"):
+            return False
+        self.fail(section, key, "must be yes or no")
+
+    def choice(self, section, key, choices, upper=False):
+        word = self.raw(section, key)
+        word = word.upper() if upper else word.lower()
+        if word not in choices:
+            self.fail(section, key, "must be one of " + ", ".join(choices))
+        return word
+
+    def items(self, section, key):
+        return [item.strip() for item in self.raw(section, key).split(",") if item.strip()]
+
+    def hostname(self, section, key):
+        name = self.text(section, key)
+        if not _is_domain(name):
+            self.fail(section, key, "not a domain name")
+        return name.lower()
+
+    def domains(self, section, key):
+        names = [name.lower() for name in self.items(section, key)]
+        if not names:
+            self.fail(section, key, "name at least one local domain")
+        for name in names:
+            if not _is_domain(name):
+                self.fail(section, key, f"{name!r} is not a domain name")
+        return tuple(names)
+
+    def networks(self, section, key):
+        networks = []
+        for item in self.items(section, key):
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                self.fail(section, key, f"{item!r} is not a network like 127.0.0.0/8")
+        return tuple(networks)
+
+    def host_ports(self, section, key, default_port):
+        return tuple(self._host_port(section, key, item, default_port)
+                     for item in self.items(section, key))
+
+    def _host_port(self, section, key, item, default_port):
+        host, port = item, default_port
+        if item.startswith("["):                        # [::1]:5353
+            host, _, rest = item[1:].partition("]")
+            if rest:
+                port = rest.lstrip(":")
+        elif item.count(":") == 1:                      # 127.0.0.1:5353, not a bare IPv6
+            host, port = item.split(":")
+        try:
+            port = int(port)
+        except ValueError:
+            self.fail(section, key, f"{item!r}: the port is not a number")
+        if not host or not 0 < port < 65536:
+            self.fail(section, key, f"{item!r} is not host[:port]")
+        return host, port
+
+    def routes(self, section, key):
+        routes = {}
+        for item in self.items(section, key):
+            domain, equals, next_hop = item.partition("=")
+            if not equals or not _is_domain(domain.strip()):
+                self.fail(section, key, f"{item!r} is not domain=host:port")
+            routes[domain.strip().lower()] = self._host_port(section, key, next_hop.strip(), 25)
+        return routes
+
+    def retry(self, section, key):
+        try:
+            delays = tuple(float(item) for item in self.items(section, key))
+        except ValueError:
+            self.fail(section, key, "not a list of seconds")
+        if not delays or min(delays) <= 0:
+            self.fail(section, key, "give at least one delay, each more than 0")
+        return delays
+
+
+def _is_domain(name):
+    labels = name.rstrip(".").split(".")
+    if not name or len(name) > 255:
+        return False
+    return all(label and len(label) <= 63 and label[0] != "-" and label[-1] != "-"
+               and all(c.isascii() and (c.isalnum() or c == "-") for c in label)
+               for label in labels)

@@ -1,0 +1,109 @@
+"""Every reply the server sends, in one place, each beside the RFC section it comes from.
+
+A reply is a three-digit code (RFC 5321 4.2), an enhanced status code (RFC 3463, RFC 2034)
+and free text. Tests import these same constants, so a changed code changes the tests too.
+"""
+from typing import NamedTuple
+
+
+class Reply(NamedTuple):
+    code: int
+    enhanced: str       # "" where RFC 2034 3 leaves it out: the greeting, HELO/EHLO, 354, 334
+    text: str           # several lines are joined with "\n" (a multiline reply, RFC 5321 4.2.1)
+    rfc: str = ""       # the section that defines this reply, shown by --trace
+
+    def format(self, **values):
+        return self._replace(text=self.text.format(**values))
+
+    def lines(self):
+        """The reply as text lines without CRLF: `250-first`, ..., `250 last` (RFC 5321 4.2.1)."""
+        texts = self.text.split("\n")
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        last = len(texts) - 1
+        return [f"{self.code}{' ' if i == last else '-'}{prefix}{text}"
+                for i, text in enumerate(texts)]
+
+    def wire(self):
+        return "".join(line + "\r\n" for line in self.lines()).encode("ascii", "replace")
+
+    @property
+    def positive(self):
+        return self.code < 400
+
+
+# Connection opening and closing
+GREETING = Reply(220, "", "{hostname} ESMTP smtpd ready", "RFC 5321 4.3.1")
+CLOSING = Reply(221, "2.0.0", "{hostname} closing connection", "RFC 5321 4.1.1.10")
+TIMEOUT = Reply(421, "4.4.2", "{hostname} idle too long, closing connection", "RFC 5321 4.5.3.2.7")
+TOO_MANY_CLIENTS = Reply(421, "4.7.0", "{hostname} too many connections, try again later",
+                         "RFC 5321 4.3.2")
+TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "{hostname} too many connections from your address",
+                          "RFC 5321 4.3.2")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} too many errors, closing connection",
+                        "RFC 5321 4.3.2")
+SHUTTING_DOWN = Reply(421, "4.3.2", "{hostname} shutting down, try again later",
+                      "RFC 5321 3.8")
+NOT_HTTP = Reply(421, "4.7.0", "{hostname} this is an SMTP server, not a web server",
+                 "RFC 5321 4.3.2")
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error, transaction discarded; try again later",
+                    "RFC 5321 4.2.3")
+
+# HELO / EHLO (RFC 5321 4.1.1.1)
+HELO_OK = Reply(250, "", "{hostname} greets {name}", "RFC 5321 4.1.1.1")
+EHLO_OK = Reply(250, "", "{hostname} greets {name}\n{extensions}", "RFC 5321 4.1.1.1")
+HELO_NEEDS_DOMAIN = Reply(501, "5.5.4", "Syntax: {verb} <domain>", "RFC 5321 4.1.1.1")
+
+# Mail transaction (RFC 5321 4.1.1.2 - 4.1.1.4)
+SENDER_OK = Reply(250, "2.1.0", "Sender <{address}> ok", "RFC 5321 4.1.1.2")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient <{address}> ok", "RFC 5321 4.1.1.3")
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address: {problem}", "RFC 5321 4.1.2")
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address: {problem}", "RFC 5321 4.1.2")
+BAD_PARAMETER = Reply(555, "5.5.4", "Parameter not recognised or not implemented: {parameter}",
+                      "RFC 5321 4.1.1.11")
+NO_SUCH_USER = Reply(550, "5.1.1", "<{address}>: no such mailbox here", "RFC 5321 3.6.2")
+RELAY_DENIED = Reply(554, "5.7.1", "<{address}>: relay access denied", "RFC 5321 3.6.2")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients", "RFC 5321 4.5.3.1.8")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>", "RFC 5321 4.1.1.4")
+QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}", "RFC 5321 4.1.1.4")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message exceeds the size limit of {limit} octets",
+                        "RFC 1870 6")
+LOOP_DETECTED = Reply(554, "5.4.6", "Too many Received headers: mail loop?", "RFC 5321 6.3")
+BARE_LINE_ENDING = Reply(554, "5.6.0",
+                         "Bare CR or LF in message text; lines must end with CRLF",
+                         "RFC 5321 2.3.8")
+
+# Other commands
+OK = Reply(250, "2.0.0", "Ok", "RFC 5321 4.1.1.9")
+RESET_OK = Reply(250, "2.0.0", "Ok, transaction reset", "RFC 5321 4.1.1.5")
+CANNOT_VRFY = Reply(252, "2.5.2", "Cannot VRFY user, but will accept mail and attempt delivery",
+                    "RFC 5321 3.5.3")
+NO_EXPN = Reply(502, "5.5.1", "EXPN not available", "RFC 5321 3.5.2")
+HELP = Reply(214, "2.0.0", "{text}", "RFC 5321 4.1.1.8")
+
+# Errors in the command itself (RFC 5321 4.2.2, 4.5.3.1)
+UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognised: {verb}", "RFC 5321 4.2.4")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long", "RFC 5321 4.5.3.1.4")
+TEXT_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long in message text (limit 1000 octets)",
+                           "RFC 5321 4.5.3.1.6")
+NOT_ASCII = Reply(500, "5.5.2", "Commands must be 7-bit ASCII", "RFC 5321 2.3.1")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands: {verb} not allowed in {state}",
+                     "RFC 5321 4.1.4")
+SYNTAX = Reply(501, "5.5.4", "Syntax: {syntax}", "RFC 5321 4.1.1")
+
+# STARTTLS (RFC 3207)
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS", "RFC 3207 4")
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available", "RFC 3207 4")
+ALREADY_TLS = Reply(503, "5.5.1", "Already using TLS", "RFC 3207 4.2")
+
+# AUTH (RFC 4954)
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful", "RFC 4954 6")
+AUTH_CHALLENGE = Reply(334, "", "{challenge}", "RFC 4954 4")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid", "RFC 4954 6")
+AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled", "RFC 4954 4")
+AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode the response (base64)", "RFC 4954 4")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Mechanism not supported: {mechanism}",
+                               "RFC 4954 4")
+AUTH_NOT_AVAILABLE = Reply(503, "5.5.1", "AUTH not available here; use STARTTLS first",
+                           "RFC 4954 4")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated", "RFC 4954 4")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required", "RFC 4954 6")

@@ -1,0 +1,399 @@
+"""smtpd: a small, readable SMTP server (RFC 5321). This file owns the sockets and threads.
+
+    python smtpd.py [IP] [--port N] [--config FILE] [--domain D]... [--maildir DIR] [--spool DIR]
+
+A socketserver.ThreadingTCPServer gives each client its own thread. The thread reads lines
+(a buffered reader, so pipelined commands work), hands each to state.dispatch(), and writes
+the reply. The protocol is in state.py, the disk in storage.py, outbound mail in relay.py.
+"""
+import collections
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+
+import config as configuration
+import replies
+import state
+from storage import Storage, StorageError, Users
+
+MAX_COMMAND_LINE = 512          # RFC 5321 4.5.3.1.4: a command line, CRLF included
+RECEIVE_SIZE = 65536
+
+
+class LineTooLong(Exception):
+    """A command line over the limit; its bytes were discarded up to the next line end."""
+
+
+class Connection:
+    """The socket side of one session: lines and message text in, replies out.
+
+    Reading is buffered: a packet may hold several commands (PIPELINING, RFC 2920) or part
+    of one. Replies are collected and sent together just before the next blocking read, so
+    a pipelined group gets its replies in one packet. Every line has a deadline: a client
+    that sends a partial line and stalls is timed out like an idle one.
+    """
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.timeout = timeout
+        self.buffer = b""
+        self.pending = []
+        self.waiting_for_command = False    # blocked between commands (shutdown may wake it)
+
+    def send(self, data):
+        self.pending.append(data)
+
+    def flush(self):
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending.clear()
+            self.sock.sendall(data)
+
+    def _receive(self, deadline):
+        self.flush()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        self.sock.settimeout(remaining)
+        return self.sock.recv(RECEIVE_SIZE)
+
+    def read_line(self, limit=MAX_COMMAND_LINE):
+        """The next line without its line end; None when the client has gone.
+        Raises LineTooLong (the buffer never holds more than `limit`) or TimeoutError."""
+        deadline = time.monotonic() + self.timeout
+        too_long = False
+        while True:
+            end = self.buffer.find(b"\n")
+            if end >= 0:
+                line, self.buffer = self.buffer[:end + 1], self.buffer[end + 1:]
+                if too_long or len(line) > limit:
+                    raise LineTooLong
+                return line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            if len(self.buffer) > limit:
+                too_long, self.buffer = True, self.buffer[-1:]
+            data = self._receive(deadline)
+            if not data:
+                return None
+            self.buffer += data
+
+    def read_message(self, keep_at_most):
+        """The message text after 354, up to <CRLF>.<CRLF> (RFC 5321 4.1.1.4), still
+        dot-stuffed; None when the client has gone. Only that exact sequence ends it: a bare
+        LF or CR never does (RFC 5321 2.3.8). Past `keep_at_most` octets the text is read
+        and dropped (RawMessage.oversize). Raises TimeoutError if a line takes too long."""
+        # The CRLF that ended "DATA" begins the terminator of an empty message.
+        text = bytearray(b"\r\n")
+        text += self.buffer
+        self.buffer = b""
+        searched, oversize = 0, False
+        deadline = time.monotonic() + self.timeout
+        while True:
+            end = text.find(b"\r\n.\r\n", searched)
+            if end >= 0:
+                self.buffer = bytes(text[end + 5:])
+                body = b"" if oversize else bytes(text[2:end + 2])
+                return state.RawMessage(body, oversize)
+            if len(text) > keep_at_most:
+                oversize = True
+                del text[:-4]
+            searched = max(0, len(text) - 4)
+            data = self._receive(deadline)
+            if not data:
+                return None
+            if b"\n" in data:
+                deadline = time.monotonic() + self.timeout
+            text += data
+
+
+class SessionLog:
+    """The dialogue log: `[session] ip:port -> reply` and `<- command`, one line each."""
+
+    def __init__(self, log, session_id, peer):
+        self.log = log
+        self.tag = f"[{session_id}] {peer}"
+
+    def sent(self, reply):
+        if self.log.isEnabledFor(logging.INFO):
+            for line in reply.lines():
+                self.log.info("%s -> %s", self.tag, line)
+
+    def received(self, line):
+        self.log.info("%s <- %s", self.tag, line)
+
+    def info(self, text, *args):
+        self.log.info(f"%s {text}", self.tag, *args)
+
+    def error(self, text, *args, **kwargs):
+        self.log.error(f"%s {text}", self.tag, *args, **kwargs)
+
+
+def format_peer(ip, port):
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+class SessionHandler(socketserver.BaseRequestHandler):
+    """One client, one thread: greet, then read a command and answer it until QUIT."""
+
+    def handle(self):
+        server = self.server
+        ip, port = self.client_address[:2]
+        session = state.new_session(server.protocol, ip, port)
+        log = SessionLog(server.log, session["id"], format_peer(ip, port))
+        connection = Connection(self.request, server.config.timeout)
+        server.sessions[session["id"]] = (session, connection)
+        try:
+            self.converse(session, connection, log)
+            connection.flush()
+        except TimeoutError:
+            self.send_and_close(connection, log, replies.TIMEOUT.format(hostname=server.hostname))
+        except OSError as error:
+            log.info("connection lost: %s", error)
+        except Exception:
+            log.error("session failed", exc_info=True)
+        finally:
+            del server.sessions[session["id"]]
+            server.release(ip)
+            log.info("disconnected")
+
+    def converse(self, session, connection, log):
+        server = self.server
+        self.reply(connection, log, state.greeting(session))
+        while session["state"] != state.CLOSED:
+            connection.waiting_for_command = True
+            if server.stopping.is_set():
+                self.reply(connection, log, replies.SHUTTING_DOWN.format(hostname=server.hostname))
+                return
+            try:
+                line = connection.read_line()
+            except LineTooLong:
+                log.received("(line over 512 octets, discarded)")
+                self.reply(connection, log, state.refuse_long_line(session))
+                continue
+            finally:
+                connection.waiting_for_command = False
+            if line is None:
+                if server.stopping.is_set():
+                    self.reply(connection, log,
+                               replies.SHUTTING_DOWN.format(hostname=server.hostname))
+                return
+            log.received(line.decode("ascii", "backslashreplace"))
+            self.reply(connection, log, self.run(state.dispatch, session, line, log))
+            if session["state"] == state.DATA:
+                if not self.receive_message(session, connection, log):
+                    return
+
+    def receive_message(self, session, connection, log):
+        raw = connection.read_message(state.raw_text_limit(session["server"]))
+        if raw is None:
+            log.info("client left during DATA; nothing stored")
+            return False
+        size = "over the limit" if raw.oversize else f"{len(raw.text)} octets"
+        log.received(f"(message text, {size})")
+        self.reply(connection, log, self.run(state.receive_message, session, raw, log))
+        return True
+
+    def run(self, step, session, argument, log):
+        """Run one protocol step; an unexpected error costs the transaction, not the session."""
+        try:
+            return step(session, argument)
+        except Exception:
+            log.error("error while handling a command; transaction discarded", exc_info=True)
+            return state.abort_transaction(session)
+
+    @staticmethod
+    def reply(connection, log, reply):
+        log.sent(reply)
+        connection.send(reply.wire())
+
+    @classmethod
+    def send_and_close(cls, connection, log, reply):
+        cls.reply(connection, log, reply)
+        try:
+            connection.flush()
+        except OSError:
+            pass
+
+
+class SMTPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 4096       # a burst of connects waits in the kernel, not dropped
+
+    def __init__(self, config, log):
+        self.config = config
+        self.log = log
+        self.hostname = config.hostname
+        self.address_family = socket.AF_INET6 if ":" in config.ip else socket.AF_INET
+        self.stopping = threading.Event()
+        self.sessions = {}                      # session id -> (session, connection)
+        self._clients = collections.Counter()   # client ip -> open sessions
+        self._clients_lock = threading.Lock()
+        self.users = Users(config.users_file)
+        self.storage = Storage(config.maildir, config.spool)
+        self.relay = None
+        self.protocol = state.Server(
+            hostname=config.hostname,
+            local_domains=config.local_domains,
+            has_mailbox=self.users.has_mailbox,
+            deliver=self.deliver,
+            relay_networks=config.relay_networks,
+            max_message_size=config.max_message_size,
+            max_recipients=config.max_recipients,
+            max_errors=config.max_errors,
+        )
+        super().__init__((config.ip, config.port), SessionHandler)
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def deliver(self, envelope, message):
+        name = self.storage.deliver(envelope, message)
+        if name and self.relay:
+            self.relay.enqueue(name)
+
+    def process_request(self, request, client_address):
+        """Admit the client (max_clients, per-IP cap) and give it a thread."""
+        refusal = self.admit(client_address[0])
+        if refusal:
+            self.log.info("%s -> %s", format_peer(*client_address[:2]), refusal.lines()[0])
+            try:
+                request.sendall(refusal.wire())
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:                    # no thread could be started
+            self.release(client_address[0])
+            self.shutdown_request(request)
+
+    def admit(self, ip):
+        with self._clients_lock:
+            if self.stopping.is_set():
+                return replies.SHUTTING_DOWN.format(hostname=self.hostname)
+            if sum(self._clients.values()) >= self.config.max_clients:
+                return replies.TOO_MANY_CLIENTS.format(hostname=self.hostname)
+            if self._clients[ip] >= self.config.max_clients_per_ip:
+                return replies.TOO_MANY_FROM_YOU.format(hostname=self.hostname)
+            self._clients[ip] += 1
+        return None
+
+    def release(self, ip):
+        with self._clients_lock:
+            self._clients[ip] -= 1
+            if self._clients[ip] <= 0:
+                del self._clients[ip]
+
+    def handle_error(self, request, client_address):
+        self.log.error("unhandled error for %s", client_address, exc_info=True)
+
+    @property
+    def address(self):
+        return self.server_address[:2]
+
+    def start(self):
+        """Serve in a background thread (and start the relay). Returns self."""
+        self._thread = threading.Thread(target=self.serve_forever, name="accept", daemon=True)
+        self._thread.start()
+        if self.relay:
+            self.relay.start()
+        self.log.info("listening on %s", format_peer(*self.address))
+        return self
+
+    def stop(self, grace=None):
+        """Stop accepting; sessions waiting for a command get 421 4.3.2; sessions in DATA
+        may finish (up to `grace` seconds, default the idle timeout)."""
+        self.stopping.set()
+        self.shutdown()
+        self.server_close()
+        for session, connection in list(self.sessions.values()):
+            if connection.waiting_for_command:
+                try:
+                    connection.sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + (self.config.timeout if grace is None else grace)
+        while self.sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.relay:
+            self.relay.stop()
+        self.log.info("stopped")
+        for handler in list(self.log.handlers):
+            handler.close()
+            self.log.removeHandler(handler)
+
+
+_instances = iter(range(1, 1 << 30))
+
+
+def make_logger(config, console=True):
+    """The dialogue log: <log dir>/smtpd.log (rotated) and, if asked, the console."""
+    os.makedirs(config.log_dir, exist_ok=True)
+    log = logging.getLogger(f"smtpd.{next(_instances)}")
+    log.setLevel(config.log_level)
+    log.propagate = False
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers = [logging.handlers.RotatingFileHandler(
+        os.path.join(config.log_dir, "smtpd.log"), maxBytes=10 << 20, backupCount=5)]
+    if console:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        log.addHandler(handler)
+    return log
+
+
+def start(config, console=True):
+    """Build, bind and start a server for `config` (tests use port 0). Returns the server."""
+    log = make_logger(config, console)
+    try:
+        server = SMTPServer(config, log)
+    except BaseException:
+        for handler in list(log.handlers):
+            handler.close()
+            log.removeHandler(handler)
+        raise
+    return server.start()
+
+
+def main(argv=None):
+    try:
+        config, args = configuration.load(sys.argv[1:] if argv is None else argv)
+        server = start(config)
+    except configuration.ConfigError as error:
+        return fail(f"smtpd: {error}")
+    except StorageError as error:
+        return fail(f"smtpd: {error}")
+    except OSError as error:
+        return fail(f"smtpd: cannot listen on {format_peer(config.ip, config.port)}: "
+                    f"{error.strerror or error}")
+    stop_requested = threading.Event()
+
+    def request_stop(signum, frame):
+        stop_requested.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    while not stop_requested.wait(1):
+        pass
+    server.stop()
+    return 0
+
+
+def fail(line):
+    print(line, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
