@@ -303,7 +303,8 @@ class SMTPServer(socketserver.ThreadingTCPServer):
 
     def start(self):
         """Serve in a background thread (and start the relay). Returns self."""
-        self._thread = threading.Thread(target=self.serve_forever, name="accept", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.1,), name="accept",
+                                        daemon=True)
         self._thread.start()
         if self.relay:
             self.relay.start()

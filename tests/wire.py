@@ -1,0 +1,74 @@
+"""A raw SMTP client for tests: send exact bytes, read whole replies (RFC 5321 4.2.1)."""
+import socket
+
+
+class Client:
+    def __init__(self, address, timeout=10, greet=True):
+        host, port = address[:2]
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buffer = b""
+        self.greeting = self.reply() if greet else None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def line(self):
+        """One line without CRLF; b"" when the server has closed."""
+        while b"\r\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                rest, self.buffer = self.buffer, b""
+                return rest
+            self.buffer += data
+        line, _, self.buffer = self.buffer.partition(b"\r\n")
+        return line
+
+    def reply(self):
+        """(code, [text lines]) of the next whole reply; (None, []) if the server closed."""
+        lines = []
+        while True:
+            line = self.line()
+            if not line:
+                return None, lines
+            lines.append(line.decode("ascii", "replace"))
+            if len(line) < 4 or line[3:4] != b"-":
+                return int(line[:3]), lines
+
+    def command(self, text):
+        """Send one command line and return (code, lines)."""
+        self.send(text + "\r\n")
+        return self.reply()
+
+    def code(self, text):
+        return self.command(text)[0]
+
+    def closed(self):
+        """True once the server has closed the connection (reads EOF)."""
+        try:
+            return self.sock.recv(1) == b"" and not self.buffer
+        except OSError:
+            return True
+
+    def send_message(self, sender, recipients, body, helo="client.example"):
+        """A whole transaction; returns the final reply's (code, lines)."""
+        self.command(f"EHLO {helo}")
+        assert self.code(f"MAIL FROM:<{sender}>") == 250
+        for recipient in recipients:
+            assert self.code(f"RCPT TO:<{recipient}>") == 250
+        assert self.code("DATA") == 354
+        self.send(body)
+        return self.reply()
