@@ -18,6 +18,7 @@ import threading
 import time
 
 import config as configuration
+import relay
 import replies
 import state
 from storage import Storage, StorageError, Users
@@ -236,7 +237,11 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self._clients_lock = threading.Lock()
         self.users = Users(config.users_file)
         self.storage = Storage(config.maildir, config.spool)
-        self.relay = None
+        self.spool_lock = self.storage.lock_spool()    # one queue runner per spool
+        if self.spool_lock is None:
+            raise StorageError(f"spool {config.spool} is in use by process "
+                               f"{self.storage.spool_owner()}")
+        self.relay = relay.QueueRunner(config, self.storage, self.users.has_mailbox, log)
         self.protocol = state.Server(
             hostname=config.hostname,
             local_domains=config.local_domains,
@@ -328,6 +333,7 @@ class SMTPServer(socketserver.ThreadingTCPServer):
             time.sleep(0.01)
         if self.relay:
             self.relay.stop()
+        self.spool_lock.close()
         self.log.info("stopped")
         for handler in list(self.log.handlers):
             handler.close()
@@ -370,6 +376,15 @@ def start(config, console=True):
 def main(argv=None):
     try:
         config, args = configuration.load(sys.argv[1:] if argv is None else argv)
+        if args.fsm:
+            print(state.draw(args.fsm))
+            return 0
+        if args.queue:
+            return show_queue(config)
+        if args.flush:
+            return flush_queue(config)
+        if args.add_user:
+            return add_user(config, args.add_user)
         server = start(config)
     except configuration.ConfigError as error:
         return fail(f"smtpd: {error}")
@@ -378,17 +393,59 @@ def main(argv=None):
     except OSError as error:
         return fail(f"smtpd: cannot listen on {format_peer(config.ip, config.port)}: "
                     f"{error.strerror or error}")
+    return serve_until_signalled(server)
+
+
+def serve_until_signalled(server):
+    """SIGINT/SIGTERM stop the server; SIGUSR1 makes the queue due now (--flush)."""
     stop_requested = threading.Event()
 
     def request_stop(signum, frame):
         stop_requested.set()
 
+    def request_flush(signum, frame):
+        threading.Thread(target=server.relay.flush, daemon=True).start()
+
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGUSR1, request_flush)
     while not stop_requested.wait(1):
         pass
     server.stop()
     return 0
+
+
+def show_queue(config):
+    """python smtpd.py --queue: the queue, like Postfix's mailq."""
+    storage = Storage(config.maildir, config.spool)
+    print("\n".join(relay.queue_listing(storage)))
+    return 0
+
+
+def flush_queue(config):
+    """python smtpd.py --flush: ask the running server to deliver the queue now, or, when
+    no server holds the spool, make one delivery attempt for every message here."""
+    storage = Storage(config.maildir, config.spool)
+    lock = storage.lock_spool()
+    if lock is None:
+        owner = storage.spool_owner()
+        os.kill(owner, signal.SIGUSR1)
+        print(f"smtpd: asked the running server (pid {owner}) to deliver the queue now")
+        return 0
+    log = make_logger(config)
+    runner = relay.QueueRunner(config, storage, Users(config.users_file).has_mailbox, log)
+    try:
+        runner.start()
+        runner.wait_for_one_pass(runner.flush())
+        runner.stop()
+    finally:
+        lock.close()
+    print("\n".join(relay.queue_listing(storage)))
+    return 0
+
+
+def add_user(config, login):
+    return fail("smtpd: --add-user is not available yet")
 
 
 def fail(line):

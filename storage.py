@@ -291,7 +291,9 @@ class Storage:
         _write_durably(self.state_path(name), content, replace=True)
 
     def remove_spooled(self, name):
-        for path in (self.state_path(name), self.spool_path(name)):
+        # The spool file first: a crash between the two leaves a stray state file, never
+        # a message without its record of who already has it.
+        for path in (self.spool_path(name), self.state_path(name)):
             try:
                 os.unlink(path)
             except FileNotFoundError:

@@ -1,6 +1,7 @@
 """Shared fixtures: a server started in-process on port 0 with temporary directories."""
 import os
 import smtplib
+import time
 
 import pytest
 
@@ -12,6 +13,13 @@ from tests.wire import Client
 def make_config(tmp_path, users=("alice", "bob"), **overrides):
     """A Config for a test: temporary maildir/spool/logs, port 0, short timeouts.
     `overrides` are "section.key" = value pairs, e.g. **{"server.timeout": "2"}."""
+    ip = overrides.pop("ip", "127.0.0.1")
+    sections = config_sections(tmp_path, users, **overrides)
+    return configuration.from_sections(sections, ip=ip, port=0)
+
+
+def config_sections(tmp_path, users=("alice", "bob"), **overrides):
+    """The {section: {key: value}} behind make_config (write_config_file saves it)."""
     users_file = tmp_path / "users"
     if not users_file.exists():
         users_file.write_text("".join(f"{user}\n" for user in users))
@@ -26,11 +34,30 @@ def make_config(tmp_path, users=("alice", "bob"), **overrides):
     sections["relay"]["command_timeout"] = "5"
     sections["relay"]["data_timeout"] = "5"
     sections["auth"]["failure_delay"] = "0"
-    ip = overrides.pop("ip", "127.0.0.1")
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         sections[section][key] = str(value)
-    return configuration.from_sections(sections, ip=ip, port=0)
+    return sections
+
+
+def write_config_file(path, sections):
+    """Save sections as an INI file for a server started as a process."""
+    with open(path, "w") as config_file:
+        for section, keys in sections.items():
+            config_file.write(f"[{section}]\n")
+            config_file.writelines(f"{key} = {value}\n" for key, value in keys.items())
+    return str(path)
+
+
+def wait_until(predicate, timeout=15, poll=0.05):
+    """Poll `predicate` (for things only visible on disk) until true or `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(poll)
+    return predicate()
 
 
 @pytest.fixture

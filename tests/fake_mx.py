@@ -1,0 +1,136 @@
+"""A scripted SMTP listener standing in for a remote mail exchanger in the relay tests.
+
+    mx = FakeMX("127.0.0.3", port, rcpt=["450 4.2.0 busy", "250 2.1.5 ok"])
+
+`rcpt` is the list of replies to successive RCPT commands (the last one repeats);
+`greeting=None` never greets (a hung server). Every finished transaction is kept in
+`messages` as (mail_from, [rcpt_to], data) and signalled through `received`.
+"""
+import socket
+import socketserver
+import threading
+
+
+class FakeMX(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host, port=0, greeting="220 fake.mx ESMTP", ehlo=("250-fake.mx",
+                 "250-SIZE 100000000", "250-8BITMIME", "250 PIPELINING"), rcpt=("250 2.1.5 ok",),
+                 data_reply="250 2.0.0 queued"):
+        self.greeting = greeting
+        self.ehlo = ehlo
+        self.rcpt_replies = list(rcpt)
+        self.data_reply = data_reply
+        self.messages = []
+        self.sessions = 0
+        self.received = threading.Semaphore(0)
+        self.lock = threading.Lock()
+        self.open_sockets = []
+        super().__init__((host, port), FakeMXHandler)
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    def next_rcpt_reply(self):
+        with self.lock:
+            if len(self.rcpt_replies) > 1:
+                return self.rcpt_replies.pop(0)
+            return self.rcpt_replies[0]
+
+    def wait_for(self, count, timeout=15):
+        """True once `count` more messages have arrived."""
+        return all(self.received.acquire(timeout=timeout) for _ in range(count))
+
+    def stop(self):
+        self.shutdown()
+        self.server_close()
+        for sock in self.open_sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
+class FakeMXHandler(socketserver.StreamRequestHandler):
+    timeout = 20
+
+    def handle(self):
+        server = self.server
+        server.open_sockets.append(self.request)
+        with server.lock:
+            server.sessions += 1
+        if server.greeting is None:
+            self.request.recv(1)            # hang until the client gives up
+            return
+        self.send(server.greeting)
+        mail_from, rcpt_to = None, []
+        while True:
+            line = self.rfile.readline(1024)
+            if not line:
+                return
+            command = line.decode("utf-8", "replace").rstrip("\r\n")
+            verb = command[:4].upper()
+            if verb == "EHLO":
+                self.send(*server.ehlo)
+            elif verb == "HELO":
+                self.send("250 fake.mx")
+            elif verb == "MAIL":
+                mail_from, rcpt_to = command[10:].split(">")[0].lstrip("<"), []
+                self.send("250 2.1.0 ok")
+            elif verb == "RCPT":
+                reply = server.next_rcpt_reply()
+                if reply.startswith("2"):
+                    rcpt_to.append(command[8:].split(">")[0].lstrip("<"))
+                self.send(reply)
+            elif verb == "DATA":
+                self.send("354 go ahead")
+                data = self.read_data()
+                if data is None:
+                    return
+                self.send(server.data_reply)
+                if server.data_reply.startswith("2"):
+                    with server.lock:
+                        server.messages.append((mail_from, rcpt_to, data))
+                    server.received.release()
+            elif verb == "QUIT":
+                self.send("221 2.0.0 bye")
+                return
+            else:
+                self.send("250 2.0.0 ok")
+
+    def read_data(self):
+        lines = []
+        while True:
+            line = self.rfile.readline(1 << 20)
+            if not line:
+                return None
+            if line == b".\r\n":
+                return b"".join(lines)
+            lines.append(line[1:] if line.startswith(b".") else line)
+
+    def send(self, *lines):
+        try:
+            self.wfile.write(b"".join(line.encode() + b"\r\n" for line in lines))
+        except OSError:
+            pass
+
+
+def free_port(hosts):
+    """A port number free on every one of `hosts` (the relay uses one port for all MXs)."""
+    for _ in range(50):
+        probe = socket.socket()
+        probe.bind((hosts[0], 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as other:
+                    other.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no common free port")

@@ -1,0 +1,351 @@
+"""The relay over the wire: a loopback DNS server, fake MXs on 127.0.0.x, bounces in Maildirs."""
+import dataclasses
+import email
+import email.policy
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import smtpd
+from tests.conftest import (config_sections, maildir_messages, make_config, wait_until,
+                            write_config_file)
+from tests.dns_responder import DNSResponder
+from tests.fake_mx import FakeMX, free_port
+
+MX_HOSTS = ["127.0.0.1"] + [f"127.0.0.{n}" for n in range(2, 16)]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def a_record(ip):
+    return [("A", ip)]
+
+
+@pytest.fixture
+def world(tmp_path, start_server):
+    """DNS on loopback, a common MX port, and a helper to start our server against them."""
+    class World:
+        port = free_port(MX_HOSTS)
+        dns = None
+        mxs = []
+
+        def resolve(self, records):
+            self.dns = DNSResponder(records)
+            return self.dns
+
+        def mx(self, host, **script):
+            fake = FakeMX(host, self.port, **script)
+            self.mxs.append(fake)
+            return fake
+
+        def overrides(self, **more):
+            values = {"relay.nameservers": self.dns.nameserver, "relay.port": self.port}
+            values.update(more)
+            return values
+
+        def server(self, **more):
+            return start_server(make_config(tmp_path, **self.overrides(**more)))
+
+    world = World()
+    yield world
+    for fake in world.mxs:
+        fake.stop()
+    if world.dns:
+        world.dns.stop()
+
+
+def send(server, recipients, sender="alice@test.ru", body=None, subject="relay test"):
+    body = body or (f"From: <{sender}>\r\nSubject: {subject}\r\n\r\nHello over there.\r\n")
+    with smtplib.SMTP(*server.address, timeout=10) as client:
+        client.sendmail(sender, recipients, body)
+
+
+def queue_empty(server):
+    return not server.storage.spooled_names()
+
+
+def dsn_for(tmp_path, address="alice@test.ru", timeout=15):
+    found = wait_until(lambda: maildir_messages(tmp_path / "mail", address), timeout)
+    assert found, f"no bounce arrived for {address}"
+    return email.message_from_bytes(found[-1], policy=email.policy.default)
+
+
+def delivery_status(report):
+    """The per-recipient fields of a multipart/report DSN."""
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status_part = [part for part in report.iter_parts()
+                   if part.get_content_type() == "message/delivery-status"][0]
+    return status_part.get_payload()[1]
+
+
+def test_delivery_through_the_mx(world, tmp_path):
+    world.resolve({"remote.test": [("MX", "10 mx1.remote.test.")],
+                   "mx1.remote.test": a_record("127.0.0.2")})
+    mx = world.mx("127.0.0.2")
+    server = world.server()
+    send(server, ["bob@remote.test"])
+    assert mx.wait_for(1)
+    mail_from, rcpt_to, data = mx.messages[0]
+    assert (mail_from, rcpt_to) == ("alice@test.ru", ["bob@remote.test"])
+    assert data.startswith(b"Received: from client.example" ) or b"Received: from " in data
+    assert data.endswith(b"Subject: relay test\r\n\r\nHello over there.\r\n")
+    assert wait_until(lambda: queue_empty(server))
+    log = (tmp_path / "logs" / "smtpd.log").read_text()
+    assert "MX lookup for remote.test: 10 mx1.remote.test" in log
+    assert f"127.0.0.2:{world.port} -> RCPT TO:<bob@remote.test>" in log
+
+
+def test_preferred_mx_first_and_fallback_when_it_is_down(world):
+    world.resolve({"remote.test": [("MX", "20 backup.remote.test."),
+                                   ("MX", "10 primary.remote.test.")],
+                   "primary.remote.test": a_record("127.0.0.3"),      # nothing listens
+                   "backup.remote.test": a_record("127.0.0.4"),
+                   "other.test": [("MX", "10 a.other.test."), ("MX", "20 b.other.test.")],
+                   "a.other.test": a_record("127.0.0.5"),
+                   "b.other.test": a_record("127.0.0.6")})
+    backup = world.mx("127.0.0.4")
+    preferred, second = world.mx("127.0.0.5"), world.mx("127.0.0.6")
+    server = world.server()
+    send(server, ["bob@remote.test"])
+    assert backup.wait_for(1)
+    send(server, ["carol@other.test"])
+    assert preferred.wait_for(1)
+    assert wait_until(lambda: queue_empty(server))
+    assert second.sessions == 0
+
+
+def test_a_4xx_greeting_moves_on_to_the_next_mx(world):
+    world.resolve({"remote.test": [("MX", "10 busy.remote.test."), ("MX", "20 ok.remote.test.")],
+                   "busy.remote.test": a_record("127.0.0.3"),
+                   "ok.remote.test": a_record("127.0.0.4")})
+    busy = world.mx("127.0.0.3", greeting="421 4.3.2 too busy")
+    working = world.mx("127.0.0.4")
+    server = world.server()
+    send(server, ["bob@remote.test"])
+    assert working.wait_for(1)
+    assert busy.sessions == 1 and not busy.messages
+
+
+def test_implicit_mx_when_the_domain_has_only_an_address(world):
+    world.resolve({"remote.test": a_record("127.0.0.7")})
+    mx = world.mx("127.0.0.7")
+    server = world.server()
+    send(server, ["bob@remote.test"])
+    assert mx.wait_for(1)
+    assert mx.messages[0][1] == ["bob@remote.test"]
+
+
+def test_null_mx_bounces_at_once_with_5_1_10(world, tmp_path):
+    world.resolve({"remote.test": [("MX", "0 .")]})
+    server = world.server()
+    send(server, ["bob@remote.test"])
+    fields = delivery_status(dsn_for(tmp_path))
+    assert fields["Final-Recipient"] == "rfc822; bob@remote.test"
+    assert fields["Status"] == "5.1.10"
+    assert wait_until(lambda: queue_empty(server))
+
+
+def test_nxdomain_bounces(world, tmp_path):
+    world.resolve({})
+    server = world.server()
+    send(server, ["bob@nowhere.test"])
+    report = dsn_for(tmp_path)
+    assert report["From"] == f"Mail Delivery System <MAILER-DAEMON@{server.hostname}>"
+    assert delivery_status(report)["Status"] == "5.1.2"
+    stored = maildir_messages(tmp_path / "mail", "alice@test.ru")[0]
+    assert stored.startswith(b"Return-Path: <>\r\n")
+
+
+@pytest.mark.parametrize("answer", ["SERVFAIL", "TIMEOUT"])
+def test_dns_failure_is_temporary(world, answer):
+    world.resolve({"remote.test": answer})
+    server = world.server(**{"relay.connect_timeout": "0.5", "relay.retry": "3600"})
+    send(server, ["bob@remote.test"])
+    name = server.storage.spooled_names()[0]
+
+    def attempted():
+        record = server.storage.read_state(name)
+        return record and record["recipients"]["bob@remote.test"]["attempts"] == 1 and record
+
+    record = wait_until(attempted)
+    recipient = record["recipients"]["bob@remote.test"]
+    assert recipient["status"] == "pending"
+    assert recipient["last_error"].startswith("451 4.4.3")
+
+
+def test_temporary_failure_then_success(world, tmp_path):
+    world.resolve({"remote.test": a_record("127.0.0.2")})
+    mx = world.mx("127.0.0.2", rcpt=["450 4.2.1 try later", "250 2.1.5 ok"])
+    server = world.server()
+    send(server, ["bob@remote.test"])
+    assert mx.wait_for(1)
+    assert mx.sessions == 2
+    assert wait_until(lambda: queue_empty(server))
+    assert maildir_messages(tmp_path / "mail", "alice@test.ru") == []   # no bounce
+
+
+def test_permanent_failure_bounces_with_the_original_headers(world, tmp_path):
+    world.resolve({"remote.test": a_record("127.0.0.2")})
+    world.mx("127.0.0.2", rcpt=["550 5.1.1 no such user here"])
+    server = world.server()
+    send(server, ["nobody@remote.test"], subject="will bounce")
+    report = dsn_for(tmp_path)
+    assert report["To"].addresses[0].addr_spec == "alice@test.ru"
+    fields = delivery_status(report)
+    assert fields["Status"] == "5.1.1"
+    assert "550 5.1.1 no such user here" in fields["Diagnostic-Code"]
+    headers = [part for part in report.iter_parts()
+               if part.get_content_type() == "text/rfc822-headers"][0]
+    assert "Subject: will bounce" in headers.get_content()
+    assert wait_until(lambda: queue_empty(server))
+
+
+def test_too_old_message_bounces(world, tmp_path):
+    world.resolve({"remote.test": a_record("127.0.0.2")})
+    mx = world.mx("127.0.0.2", rcpt=["451 4.3.0 always busy"])
+    server = world.server(**{"relay.max_queue_age": "1", "relay.retry": "1"})
+    send(server, ["bob@remote.test"])
+    fields = delivery_status(dsn_for(tmp_path))
+    assert fields["Status"] == "4.3.0"
+    assert "gave up" in fields["Diagnostic-Code"]
+    assert mx.sessions >= 2 and not mx.messages
+    assert wait_until(lambda: queue_empty(server))
+
+
+def test_no_bounce_for_the_null_sender(world, tmp_path):
+    world.resolve({"remote.test": a_record("127.0.0.2")})
+    mx = world.mx("127.0.0.2", rcpt=["550 5.1.1 no"])
+    server = world.server()
+    send(server, ["bob@remote.test"], sender="")
+    assert wait_until(lambda: queue_empty(server))
+    assert mx.sessions == 1
+    log = (tmp_path / "logs" / "smtpd.log").read_text()
+    assert "not bounced: the sender is <>" in log
+    assert not os.path.exists(tmp_path / "mail" / "test.ru" / "postmaster" / "new") or \
+        maildir_messages(tmp_path / "mail", "postmaster@test.ru") == []
+
+
+def test_recipients_of_one_domain_share_one_transaction(world):
+    world.resolve({"remote.test": a_record("127.0.0.2"), "other.test": a_record("127.0.0.3")})
+    remote, other = world.mx("127.0.0.2"), world.mx("127.0.0.3")
+    server = world.server()
+    send(server, ["a@remote.test", "b@remote.test", "c@remote.test", "d@other.test"])
+    assert remote.wait_for(1) and other.wait_for(1)
+    assert remote.sessions == 1
+    assert remote.messages[0][1] == ["a@remote.test", "b@remote.test", "c@remote.test"]
+    assert other.messages[0][1] == ["d@other.test"]
+
+
+def test_a_local_and_a_remote_recipient(world, tmp_path):
+    world.resolve({"remote.test": a_record("127.0.0.2")})
+    mx = world.mx("127.0.0.2")
+    server = world.server()
+    send(server, ["bob@test.ru", "carol@remote.test"])
+    assert mx.wait_for(1)
+    assert mx.messages[0][1] == ["carol@remote.test"]
+    assert len(maildir_messages(tmp_path / "mail", "bob@test.ru")) == 1
+
+
+def test_200_messages_to_5_domains(world):
+    domains = [f"d{n}.test" for n in range(5)]
+    world.resolve({domain: a_record(f"127.0.0.{10 + n}") for n, domain in enumerate(domains)})
+    mxs = [world.mx(f"127.0.0.{10 + n}") for n in range(5)]
+    server = world.server(**{"relay.workers": "8"})
+    with smtplib.SMTP(*server.address, timeout=10) as client:
+        for number in range(200):
+            domain = domains[number % 5]
+            client.sendmail("alice@test.ru", [f"user{number}@{domain}"],
+                            f"Subject: message {number}\r\n\r\nbody {number}\r\n")
+    assert all(mx.wait_for(40, timeout=30) for mx in mxs)
+    assert wait_until(lambda: queue_empty(server))
+    subjects = sorted(data.split(b"\r\n\r\n")[0].split(b"Subject: ")[1]
+                      for mx in mxs for _, _, data in mx.messages)
+    assert subjects == sorted(f"message {n}".encode() for n in range(200))
+
+
+def test_our_own_server_as_the_remote_mx(world, tmp_path, start_server):
+    world.resolve({"remote.test": [("MX", "10 mx.remote.test.")],
+                   "mx.remote.test": a_record("127.0.0.2")})
+    remote_dir = tmp_path / "remote"
+    remote_dir.mkdir()
+    remote_config = make_config(remote_dir, users=("bob",), ip="127.0.0.2",
+                                **{"domains.local": "remote.test",
+                                   "server.hostname": "mx.remote.test"})
+    remote_config = dataclasses.replace(remote_config, port=world.port)
+    start_server(remote_config)
+    server = world.server()
+    send(server, ["bob@remote.test"], body="Subject: across\r\n\r\n.leading dot\r\n")
+    stored = wait_until(lambda: maildir_messages(remote_dir / "mail", "bob@remote.test"))
+    assert stored[0].startswith(b"Return-Path: <alice@test.ru>\r\nReceived: from mail.test.ru")
+    assert stored[0].endswith(b"Subject: across\r\n\r\n.leading dot\r\n")
+    assert stored[0].count(b"Received: ") == 2
+
+
+def test_queue_listing_and_flush_without_a_server(world, tmp_path, capsys):
+    world.resolve({"remote.test": a_record("127.0.0.2")})
+    sections = config_sections(tmp_path, **world.overrides(**{"relay.retry": "3600"}))
+    config_file = write_config_file(tmp_path / "smtpd.conf", sections)
+    server = world.server(**{"relay.retry": "3600"})
+    send(server, ["bob@remote.test"])                 # refused: nothing listens yet
+    name = server.storage.spooled_names()[0]
+    assert wait_until(lambda: server.storage.read_state(name))
+    server.stop(grace=1)
+
+    assert smtpd.main(["--config", config_file, "--queue"]) == 0
+    listing = capsys.readouterr().out
+    assert "from <alice@test.ru>" in listing
+    assert "<bob@remote.test>  pending, 1 attempt(s), next in 59m" in listing
+    assert "last error: 451 4.4.1" in listing
+
+    mx = world.mx("127.0.0.2")
+    assert smtpd.main(["--config", config_file, "--flush"]) == 0
+    assert len(mx.messages) == 1
+    assert "Mail queue is empty" in capsys.readouterr().out
+
+
+def start_process(config_file):
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "smtpd.py"), "--config",
+                                config_file, "--port", "0"], stderr=subprocess.PIPE, text=True)
+    for _ in range(200):
+        line = process.stderr.readline()
+        if "listening on" in line:
+            port = int(line.rsplit(":", 1)[1])
+            # keep reading the log so a full pipe never blocks the server
+            threading.Thread(target=process.stderr.read, daemon=True).start()
+            return process, port
+        if not line:
+            break
+    process.kill()
+    raise AssertionError("the server did not start")
+
+
+def test_kill_9_while_queued_then_restart_delivers_each_message_once(world, tmp_path):
+    world.resolve({"remote.test": a_record("127.0.0.2")})
+    sections = config_sections(tmp_path, **world.overrides(**{"relay.retry": "1"}))
+    config_file = write_config_file(tmp_path / "smtpd.conf", sections)
+    process, port = start_process(config_file)
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            for number in range(10):
+                client.sendmail("alice@test.ru", ["bob@remote.test"],
+                                f"Subject: crash {number}\r\n\r\nbody\r\n")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    assert len(os.listdir(tmp_path / "spool")) >= 10       # the queue survived the crash
+    mx = world.mx("127.0.0.2")
+    process, port = start_process(config_file)
+    try:
+        assert mx.wait_for(10, timeout=20)
+        assert wait_until(lambda: not [n for n in os.listdir(tmp_path / "spool")
+                                       if n.endswith(".smtp")])
+    finally:
+        process.terminate()
+        process.wait(10)
+    subjects = sorted(data.split(b"Subject: ")[1].split(b"\r\n")[0] for _, _, data in mx.messages)
+    assert subjects == sorted(f"crash {n}".encode() for n in range(10))
