@@ -122,6 +122,8 @@ def _parse_address_literal(text):
     body = text[1:-1]
     try:
         if body[:5].lower() == "ipv6:":
+            if "%" in body:         # IPv6-addr has no zone id (RFC 5321 4.1.3)
+                raise ValueError(body)
             return f"[IPv6:{ipaddress.IPv6Address(body[5:]).compressed}]"
         return f"[{ipaddress.IPv4Address(body)}]"
     except ValueError:

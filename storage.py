@@ -19,6 +19,11 @@ import threading
 import time
 from typing import NamedTuple
 
+import passwords
+
+# Maildir names count deliveries per process, whatever Storage object makes them
+_DELIVERIES = itertools.count(1)
+
 SPOOL_SUFFIX = ".smtp"
 STATE_SUFFIX = ".state"
 
@@ -29,6 +34,9 @@ class StorageError(Exception):
 
 # ---------------------------------------------------------------------------------------
 # Users
+
+
+UNUSABLE_HASH = passwords.hash_password(os.urandom(16).hex())
 
 
 class Users:
@@ -75,6 +83,16 @@ class Users:
         """The stored hash for `name@domain` or `name`, or None."""
         self._refresh()
         return self._entries.get(login.lower())
+
+    def check_password(self, login, password):
+        """AUTH: `login` is `name@domain` (or a bare `name` entry's `name`)."""
+        login = login.lower()
+        stored = self.password_hash(login)
+        if stored is None and "@" in login:
+            stored = self.password_hash(login.partition("@")[0])
+        # an unknown login costs a hash too, so timing does not tell which logins exist
+        matches = passwords.verify_password(stored or UNUSABLE_HASH, password)
+        return matches and stored is not None
 
 
 def read_users_file(path):
@@ -178,7 +196,6 @@ class Storage:
         self.maildir = maildir
         self.spool = spool
         self._made = set()                  # Maildir folders known to exist
-        self._deliveries = itertools.count(1)
         self._host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
         for directory in (maildir, spool, os.path.join(spool, "tmp")):
             _make_directories(directory)
@@ -246,7 +263,7 @@ class Storage:
         """time.M<usec>P<pid>Q<n>.host, unique per the Maildir spec."""
         now = time.time()
         return (f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}"
-                f"Q{next(self._deliveries)}.{self._host}")
+                f"Q{next(_DELIVERIES)}.{self._host}")
 
     # Spool
 
@@ -367,16 +384,24 @@ def dot_stuff(message):
 
 
 def parse_spool(name, content, created):
+    """A spool file's bytes -> Spooled; StorageError for anything that is not one whole
+    transaction (a damaged file must not stop the queue runner)."""
+    broken = StorageError(f"spool file {name}: not a complete transaction")
     head, separator, rest = content.partition(b"\r\nDATA\r\n")
     if not separator or not rest.endswith(b".\r\nQUIT\r\n"):
-        raise StorageError(f"spool file {name}: not a complete transaction")
-    commands = head.decode("ascii").split("\r\n")
-    helo = commands[0].partition(" ")[2]
-    mail_line = commands[1]
-    reverse_path = mail_line[mail_line.index("<") + 1:mail_line.rindex(">")]
-    recipients = [line[line.index("<") + 1:line.rindex(">")] for line in commands[2:]]
-    if not commands[0].startswith("EHLO ") or not mail_line.startswith("MAIL FROM:<") \
-            or not recipients or not all(line.startswith("RCPT TO:<") for line in commands[2:]):
-        raise StorageError(f"spool file {name}: not a complete transaction")
-    return Spooled(name, helo, reverse_path, mail_line.endswith(" BODY=8BITMIME"),
-                   recipients, rest[:-len(b".\r\nQUIT\r\n")], created)
+        raise broken
+    try:
+        commands = head.decode("ascii").split("\r\n")
+    except UnicodeDecodeError:
+        raise broken from None
+    if len(commands) < 3 or not commands[0].startswith("EHLO "):
+        raise broken
+    mail_line, rcpt_lines = commands[1], commands[2:]
+    if not mail_line.startswith("MAIL FROM:<") or ">" not in mail_line \
+            or not all(line.startswith("RCPT TO:<") and line.endswith(">") for line in rcpt_lines):
+        raise broken
+    reverse_path = mail_line[len("MAIL FROM:<"):mail_line.rindex(">")]
+    recipients = [line[len("RCPT TO:<"):-1] for line in rcpt_lines]
+    return Spooled(name, commands[0][len("EHLO "):], reverse_path,
+                   mail_line.endswith(" BODY=8BITMIME"), recipients,
+                   rest[:-len(b".\r\nQUIT\r\n")], created)
