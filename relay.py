@@ -18,6 +18,7 @@ import ipaddress
 import queue
 import random
 import socket
+import ssl
 import threading
 import time
 from email.message import Message
@@ -29,7 +30,6 @@ import dns.exception
 import dns.nameserver
 import dns.resolver
 
-import replies
 from storage import StorageError
 
 PENDING, DONE, FAILED = "pending", "done", "failed"
@@ -159,6 +159,18 @@ class SmtpClient:
         except OSError:
             pass
 
+    def start_tls(self):
+        """RFC 3207: opportunistic TLS. The certificate is not checked (there is no way to
+        know the right name for an MX without DANE or MTA-STS); the point is that nobody
+        on the path can read the mail."""
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.buffer = b""                   # RFC 3207 4.2: nothing read before TLS counts
+        self.sock = context.wrap_socket(self.sock)
+        self.log.info("%s TLS established: %s, %s", self.tag, self.sock.version(),
+                      self.sock.cipher()[0])
+
     def reply(self, timeout):
         """(code, "text of all lines") of the next reply."""
         self.sock.settimeout(timeout)
@@ -238,12 +250,24 @@ class Transaction:
                 last_error = error.reply
                 self.log.info("%s %s:%d: %s; trying the next host", self.tag, *address,
                               error.reply)
+            except DeliveryError as error:      # the transaction broke after MAIL
+                return self._all(FAILED if error.permanent else PENDING, error.reply,
+                                 f"{address[0]}:{address[1]}")
         return self._all(PENDING, last_error)
 
     def _all(self, status, reply, remote=""):
         return {recipient: Outcome(status, reply, remote) for recipient in self.recipients}
 
     def _deliver_via(self, address):
+        try:
+            return self._deliver_once(address, use_tls=self.config.relay_tls != "no")
+        except TlsFailed as error:
+            if self.config.relay_tls == "require":
+                raise TryNextHost(error.reply)
+            self.log.info("%s %s; trying again in clear text", self.tag, error.reply)
+            return self._deliver_once(address, use_tls=False)
+
+    def _deliver_once(self, address, use_tls):
         remote = f"{address[0]}:{address[1]}"
         try:
             client = SmtpClient(address, self.config, self.log, self.tag)
@@ -251,7 +275,10 @@ class Transaction:
             raise TryNextHost(f"451 4.4.1 cannot connect to {remote}: {error}")
         try:
             extensions = self._open(client, remote)
+            extensions = self._secure(client, extensions, remote, use_tls)
             return self._send(client, extensions, remote)
+        except TryNextHost:
+            raise
         except DeliveryError as error:       # after MAIL: the whole group waits or fails
             raise TryNextHost(error.reply) if not getattr(error, "started", False) else error
         except OSError as error:
@@ -273,6 +300,26 @@ class Transaction:
             if code == 250:
                 return {}
         raise TryNextHost(f"{text} (EHLO to {remote})")
+
+    def _secure(self, client, extensions, remote, use_tls):
+        """STARTTLS when the remote offers it; `[relay] tls = require` sends nothing in clear."""
+        if use_tls and "STARTTLS" in extensions:
+            code, text = client.command("STARTTLS")
+            if code != 220:
+                raise TlsFailed(f"454 4.7.0 STARTTLS refused by {remote}: {text}")
+            try:
+                client.start_tls()
+            except (ssl.SSLError, OSError) as error:
+                raise TlsFailed(f"454 4.7.0 TLS handshake with {remote} failed: {error}")
+            code, text = client.command(f"EHLO {self.config.hostname}")    # RFC 3207 4.2
+            if code != 250:
+                raise TryNextHost(f"{text} (EHLO after STARTTLS to {remote})")
+            return parse_extensions(text)
+        if self.config.relay_tls == "require":
+            raise TryNextHost(f"451 4.7.10 {remote} offers no STARTTLS and [relay] tls = require")
+        self.log.info("%s sending in clear text (%s)", self.tag,
+                      "TLS not offered" if use_tls else "TLS off for this attempt")
+        return extensions
 
     def _send(self, client, extensions, remote):
         message = self.message
@@ -330,6 +377,10 @@ class Transaction:
 
 class TryNextHost(DeliveryError):
     """This host failed before the transaction began (RFC 5321 5.1: try the next one)."""
+
+
+class TlsFailed(TryNextHost):
+    """STARTTLS was offered but did not work; clear text may be tried unless TLS is required."""
 
 
 # ---------------------------------------------------------------------------------------

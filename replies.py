@@ -107,3 +107,5 @@ AUTH_NOT_AVAILABLE = Reply(503, "5.5.1", "AUTH not available here; use STARTTLS 
                            "RFC 4954 4")
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated", "RFC 4954 4")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required", "RFC 4954 6")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "{hostname} too many failed logins, closing connection",
+                               "RFC 4954 4")

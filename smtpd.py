@@ -7,21 +7,25 @@ A socketserver.ThreadingTCPServer gives each client its own thread. The thread r
 the reply. The protocol is in state.py, the disk in storage.py, outbound mail in relay.py.
 """
 import collections
+import getpass
 import logging
 import logging.handlers
 import os
+import pwd
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
 
 import config as configuration
+import passwords
 import relay
 import replies
 import state
-from storage import Storage, StorageError, Users
+from storage import Storage, StorageError, Users, add_user as add_user_to_file
 
 MAX_COMMAND_LINE = 512          # RFC 5321 4.5.3.1.4: a command line, CRLF included
 RECEIVE_SIZE = 65536
@@ -49,6 +53,16 @@ class Connection:
 
     def send(self, data):
         self.pending.append(data)
+
+    def start_tls(self, context):
+        """RFC 3207 4.2: the handshake follows the 220 at once. Anything the client sent
+        after STARTTLS in clear text is discarded unread (the CVE-2011-0411 injection).
+        Returns how many octets were discarded."""
+        self.flush()
+        discarded, self.buffer = len(self.buffer), b""
+        self.sock.settimeout(self.timeout)
+        self.sock = context.wrap_socket(self.sock, server_side=True)
+        return discarded
 
     def flush(self):
         if self.pending:
@@ -134,6 +148,15 @@ class SessionLog:
         self.log.error(f"%s {text}", self.tag, *args, **kwargs)
 
 
+def loggable(line):
+    """A command line as the log shows it: AUTH keeps its mechanism, never its credentials."""
+    text = line.decode("ascii", "backslashreplace")
+    verb, _, argument = text.partition(" ")
+    if verb.upper() == "AUTH" and " " in argument.strip():
+        return f"{verb} {argument.split()[0]} (credentials not logged)"
+    return text
+
+
 def format_peer(ip, port):
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
@@ -153,6 +176,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
             connection.flush()
         except TimeoutError:
             self.send_and_close(connection, log, replies.TIMEOUT.format(hostname=server.hostname))
+        except ssl.SSLError as error:
+            log.info("TLS failed: %s", error.reason or error)
         except OSError as error:
             log.info("connection lost: %s", error)
         except Exception:
@@ -183,11 +208,33 @@ class SessionHandler(socketserver.BaseRequestHandler):
                     self.reply(connection, log,
                                replies.SHUTTING_DOWN.format(hostname=server.hostname))
                 return
-            log.received(line.decode("ascii", "backslashreplace"))
-            self.reply(connection, log, self.run(state.dispatch, session, line, log))
+            self.answer(session, connection, log, line)
             if session["state"] == state.DATA:
                 if not self.receive_message(session, connection, log):
                     return
+            if session["transition"] == ("STARTTLS", state.GREETED, state.START):
+                self.start_tls(session, connection, log)
+
+    def answer(self, session, connection, log, line):
+        """Log the line (never a password: RFC 4954 14), run it, send the reply."""
+        failures = session["auth_failures"]
+        if session["state"] == state.AUTH:
+            log.received("(SASL response, not logged)")
+            reply = self.run(state.receive_auth_response, session, line, log)
+        else:
+            log.received(loggable(line))
+            reply = self.run(state.dispatch, session, line, log)
+        if session["auth_failures"] > failures:
+            time.sleep(self.server.config.auth_failure_delay)   # slows password guessing
+        self.reply(connection, log, reply)
+
+    def start_tls(self, session, connection, log):
+        discarded = connection.start_tls(self.server.tls_context)
+        if discarded:
+            log.info("discarded %d octets sent before the TLS handshake", discarded)
+        state.restart_after_tls(session)
+        log.info("TLS established: %s, %s", connection.sock.version(),
+                 connection.sock.cipher()[0])
 
     def receive_message(self, session, connection, log):
         raw = connection.read_message(state.raw_text_limit(session["server"]))
@@ -242,6 +289,7 @@ class SMTPServer(socketserver.ThreadingTCPServer):
             raise StorageError(f"spool {config.spool} is in use by process "
                                f"{self.storage.spool_owner()}")
         self.relay = relay.QueueRunner(config, self.storage, self.users.has_mailbox, log)
+        self.tls_context = make_tls_context(config)
         self.protocol = state.Server(
             hostname=config.hostname,
             local_domains=config.local_domains,
@@ -251,6 +299,10 @@ class SMTPServer(socketserver.ThreadingTCPServer):
             max_message_size=config.max_message_size,
             max_recipients=config.max_recipients,
             max_errors=config.max_errors,
+            tls_available=self.tls_context is not None,
+            check_password=self.users.check_password,
+            auth_plaintext=config.auth_allow_plaintext,
+            max_auth_failures=config.auth_max_failures,
         )
         super().__init__((config.ip, config.port), SessionHandler)
 
@@ -340,6 +392,50 @@ class SMTPServer(socketserver.ThreadingTCPServer):
             self.log.removeHandler(handler)
 
 
+def make_tls_context(config):
+    """The server side of STARTTLS, or None when no certificate is configured."""
+    if not (config.tls_cert or config.tls_key):
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise configuration.ConfigError("[tls] cert and key: set both, or neither")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise configuration.ConfigError(
+            f"[tls] cert/key {config.tls_cert}, {config.tls_key}: "
+            f"{getattr(error, 'strerror', None) or error}") from None
+    return context
+
+
+def drop_privileges(config, log):
+    """Started as root (to bind port 25): give the data directories to [server] user and
+    become that user, as Postfix and OpenSMTPD do. `user = root` keeps root on purpose."""
+    if os.geteuid() != 0:
+        return
+    if config.user == "root":
+        log.warning("running as root because [server] user = root")
+        return
+    try:
+        account = pwd.getpwnam(config.user)
+    except KeyError:
+        raise configuration.ConfigError(f"[server] user = {config.user!r}: no such user") \
+            from None
+    for top in (config.maildir, config.spool, config.log_dir):
+        _give_tree(top, account.pw_uid, account.pw_gid)
+    os.setgroups([])
+    os.setgid(account.pw_gid)
+    os.setuid(account.pw_uid)
+    log.info("running as %s (uid %d)", config.user, account.pw_uid)
+
+
+def _give_tree(top, uid, gid):
+    os.chown(top, uid, gid)
+    for directory, subdirectories, names in os.walk(top):
+        for name in subdirectories + names:
+            os.chown(os.path.join(directory, name), uid, gid, follow_symlinks=False)
+
+
 _instances = iter(range(1, 1 << 30))
 
 
@@ -360,11 +456,14 @@ def make_logger(config, console=True):
     return log
 
 
-def start(config, console=True):
-    """Build, bind and start a server for `config` (tests use port 0). Returns the server."""
+def start(config, console=True, as_service=False):
+    """Build, bind and start a server for `config` (tests use port 0). Returns the server.
+    `as_service` (the command line) drops root privileges after binding."""
     log = make_logger(config, console)
     try:
         server = SMTPServer(config, log)
+        if as_service:
+            drop_privileges(config, log)
     except BaseException:
         for handler in list(log.handlers):
             handler.close()
@@ -385,7 +484,7 @@ def main(argv=None):
             return flush_queue(config)
         if args.add_user:
             return add_user(config, args.add_user)
-        server = start(config)
+        server = start(config, as_service=True)
     except configuration.ConfigError as error:
         return fail(f"smtpd: {error}")
     except StorageError as error:
@@ -445,7 +544,26 @@ def flush_queue(config):
 
 
 def add_user(config, login):
-    return fail("smtpd: --add-user is not available yet")
+    """python smtpd.py --add-user alice@test.ru: ask for a password, store its scrypt hash."""
+    local_part, _, domain = login.lower().partition("@")
+    if not domain or domain not in config.local_domains:
+        return fail(f"smtpd: --add-user {login}: give name@domain with a local domain "
+                    f"({', '.join(config.local_domains)})")
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {login}: ")
+        if getpass.getpass("Again: ") != password:
+            return fail("smtpd: --add-user: the passwords differ")
+    else:                                   # a script: the password is the first line
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        return fail("smtpd: --add-user: empty password")
+    try:
+        add_user_to_file(config.users_file, f"{local_part}@{domain}",
+                         passwords.hash_password(password))
+    except (OSError, StorageError) as error:
+        return fail(f"smtpd: --add-user: {error}")
+    print(f"smtpd: {local_part}@{domain} added to {config.users_file}")
+    return 0
 
 
 def fail(line):

@@ -7,6 +7,8 @@ dispatcher itself. Every handler takes (session, argument) and returns one Reply
 of the table is tested without a network. What the protocol needs from the outside world
 (the mailbox list, delivery) arrives in `session["server"]`, a `Server`.
 """
+import base64
+import binascii
 import datetime
 import email.utils
 import ipaddress
@@ -23,10 +25,12 @@ GREETED = "GREETED"      # HELO/EHLO done; no mail transaction
 MAIL = "MAIL"            # MAIL FROM accepted; waiting for RCPT TO
 RCPT = "RCPT"            # at least one recipient accepted; RCPT TO or DATA may follow
 DATA = "DATA"            # 354 sent; the message text is being read
+AUTH = "AUTH"            # 334 sent; waiting for the client's SASL response (RFC 4954 4)
 CLOSED = "CLOSED"        # QUIT, or the server ended the session
 
-# Input that is not a command: the pseudo-verb the table lists it under
+# Input that is not a command: the pseudo-verbs the table lists it under
 END_OF_DATA = "<CRLF>.<CRLF>"
+AUTH_RESPONSE = "<SASL response>"
 
 # RFC 5321 4.1.1.4, 4.5.3.1.6: a text line is at most 1000 octets with its CRLF
 MAX_TEXT_LINE = 1000
@@ -47,6 +51,11 @@ class Server:
     max_message_size: int = 10485760
     max_recipients: int = 100
     max_errors: int = 10
+    tls_available: bool = False                 # a certificate is configured (RFC 3207)
+    check_password: Optional[Callable[[str, str], bool]] = None    # (login, password); AUTH
+    auth_plaintext: bool = False                # offer AUTH without TLS to any client
+    auth_required: bool = False                 # the submission port (RFC 6409 4.3)
+    max_auth_failures: int = 3
 
 
 class RawMessage(NamedTuple):
@@ -67,9 +76,21 @@ def new_session(server, client_ip="127.0.0.1", client_port=0, session_id=None):
         "esmtp": False,            # EHLO rather than HELO
         "errors": 0,               # 5xx replies so far (the error budget)
         "transition": None,        # (verb, old state, new state) of the last command
+        "tls": False,              # STARTTLS done (RFC 3207)
+        "authenticated": None,     # the login after a successful AUTH (RFC 4954)
+        "auth_failures": 0,
+        "sasl": None,              # an AUTH exchange under way: {"mechanism", "login"}
     }
     reset_transaction(session)
     return session
+
+
+def restart_after_tls(session):
+    """RFC 3207 4.2: after the handshake the client starts over: nothing said before it
+    (EHLO name, envelope, AUTH) is kept."""
+    session.update(state=START, helo=None, esmtp=False, tls=True, authenticated=None,
+                   sasl=None)
+    reset_transaction(session)
 
 
 def reset_transaction(session):
@@ -112,16 +133,39 @@ def _greet(session, argument, esmtp):
 
 def extensions(session):
     """The EHLO keywords (RFC 5321 4.1.1.1), each from its own RFC."""
-    return [
-        f"SIZE {session['server'].max_message_size}",   # RFC 1870
+    server = session["server"]
+    keywords = [
+        f"SIZE {server.max_message_size}",              # RFC 1870
         "8BITMIME",                                     # RFC 6152
         "PIPELINING",                                   # RFC 2920
         "ENHANCEDSTATUSCODES",                          # RFC 2034
         "HELP",                                         # RFC 5321 4.1.1.8
     ]
+    if server.tls_available and not session["tls"]:
+        keywords.append("STARTTLS")                     # RFC 3207
+    if auth_offered(session):
+        keywords.append("AUTH PLAIN LOGIN")             # RFC 4954, RFC 4616
+    return keywords
+
+
+def auth_offered(session):
+    """AUTH only where a password cannot be sniffed: under TLS or on loopback (or when the
+    config says otherwise), and not twice (RFC 4954 4)."""
+    server = session["server"]
+    if server.check_password is None or session["authenticated"]:
+        return False
+    return session["tls"] or server.auth_plaintext or _is_loopback(session["client_ip"])
+
+
+def _is_loopback(ip):
+    address = ipaddress.ip_address(ip)
+    return (address.ipv4_mapped or address).is_loopback if address.version == 6 \
+        else address.is_loopback
 
 
 def mail(session, argument):
+    if session["server"].auth_required and not session["authenticated"]:
+        return replies.AUTH_REQUIRED        # RFC 6409 4.3: submission needs AUTH
     path_text = _after_keyword(argument, "FROM:")
     if path_text is None:
         return replies.SYNTAX.format(syntax=VERBS["MAIL"].syntax)
@@ -196,6 +240,8 @@ def _accept_recipient(session, path):
 
 
 def may_relay(session):
+    if session["authenticated"]:            # RFC 4954 6: an authenticated client may relay
+        return True
     client = ipaddress.ip_address(session["client_ip"])
     if getattr(client, "ipv4_mapped", None):
         client = client.ipv4_mapped
@@ -295,6 +341,77 @@ def _now():
     return datetime.datetime.now().astimezone()
 
 
+def starttls(session, argument):
+    """RFC 3207 4: the reply 220 tells smtpd.py to start the handshake."""
+    if argument.strip():
+        return replies.SYNTAX.format(syntax=VERBS["STARTTLS"].syntax)
+    if session["tls"]:
+        return replies.ALREADY_TLS
+    if not session["server"].tls_available:
+        return replies.TLS_NOT_AVAILABLE
+    return replies.READY_FOR_TLS
+
+
+# SASL prompts of the LOGIN mechanism, base64 of "Username:" and "Password:"
+LOGIN_PROMPTS = {"username": "VXNlcm5hbWU6", "password": "UGFzc3dvcmQ6"}
+
+
+def auth(session, argument):
+    """RFC 4954 4: AUTH <mechanism> [initial response]; PLAIN (RFC 4616) and LOGIN."""
+    if session["authenticated"]:
+        return replies.ALREADY_AUTHENTICATED
+    if not auth_offered(session):
+        return replies.AUTH_NOT_AVAILABLE
+    mechanism, _, initial = argument.strip().partition(" ")
+    mechanism = mechanism.upper()
+    if mechanism not in ("PLAIN", "LOGIN"):
+        return replies.AUTH_UNKNOWN_MECHANISM.format(mechanism=_printable(mechanism))
+    session["sasl"] = {"mechanism": mechanism, "login": None}
+    if not initial.strip():
+        challenge = "" if mechanism == "PLAIN" else LOGIN_PROMPTS["username"]
+        return replies.AUTH_CHALLENGE.format(challenge=challenge)
+    return auth_response(session, initial.strip().encode("ascii", "replace"))
+
+
+def auth_response(session, line):
+    """One base64 line from the client in the AUTH state."""
+    sasl = session["sasl"]
+    if line.strip() == b"*":                # RFC 4954 4: the client cancels
+        session["sasl"] = None
+        return replies.AUTH_CANCELLED
+    try:
+        decoded = base64.b64decode(line.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        session["sasl"] = None
+        return replies.AUTH_BAD_BASE64
+    if sasl["mechanism"] == "PLAIN":
+        # RFC 4616 2: [authzid] NUL authcid NUL passwd
+        parts = decoded.split(b"\0")
+        if len(parts) != 3 or (parts[0] and parts[0] != parts[1]):
+            return _auth_result(session, None, None)
+        return _auth_result(session, parts[1], parts[2])
+    if sasl["login"] is None:
+        sasl["login"] = decoded
+        return replies.AUTH_CHALLENGE.format(challenge=LOGIN_PROMPTS["password"])
+    return _auth_result(session, sasl["login"], decoded)
+
+
+def _auth_result(session, login, password):
+    session["sasl"] = None
+    server = session["server"]
+    try:
+        login, password = login.decode("utf-8"), password.decode("utf-8")
+    except (AttributeError, UnicodeDecodeError):
+        login = None
+    if login and server.check_password(login, password):
+        session["authenticated"] = login.lower()
+        return replies.AUTH_OK
+    session["auth_failures"] += 1
+    if session["auth_failures"] >= server.max_auth_failures:
+        return replies.TOO_MANY_AUTH_FAILURES.format(hostname=server.hostname)
+    return replies.AUTH_FAILED
+
+
 def rset(session, argument):
     reset_transaction(session)
     return replies.RESET_OK
@@ -379,6 +496,10 @@ VERBS = {
     "HELP": Verb("HELP [command]", "RFC 5321 4.1.1.8", "this help"),
     "NOOP": Verb("NOOP", "RFC 5321 4.1.1.9", "do nothing; the server answers 250"),
     "QUIT": Verb("QUIT", "RFC 5321 4.1.1.10", "end the session"),
+    "STARTTLS": Verb("STARTTLS", "RFC 3207 4",
+                     "switch the connection to TLS; then start over with EHLO"),
+    "AUTH": Verb("AUTH PLAIN|LOGIN [initial-response]", "RFC 4954 4",
+                 "log in with a user name and password (after STARTTLS)"),
 }
 
 
@@ -422,6 +543,8 @@ TRANSITIONS = {
     GREETED: {
         "HELO": Rule(helo, GREETED),
         "EHLO": Rule(ehlo, GREETED),
+        "STARTTLS": Rule(starttls, START),
+        "AUTH": Rule(auth, GREETED, waiting=AUTH),
         "MAIL": Rule(mail, MAIL),
         **_anytime(GREETED),
     },
@@ -440,6 +563,9 @@ TRANSITIONS = {
     },
     DATA: {
         END_OF_DATA: Rule(end_of_data, GREETED, failure=GREETED),
+    },
+    AUTH: {
+        AUTH_RESPONSE: Rule(auth_response, GREETED, waiting=AUTH, failure=GREETED),
     },
     CLOSED: {},
 }
@@ -481,6 +607,11 @@ def receive_message(session, raw):
     return _run(session, END_OF_DATA, TRANSITIONS[DATA][END_OF_DATA], raw)
 
 
+def receive_auth_response(session, line):
+    """A line in the AUTH state is a SASL response, not a command: the AUTH cell of the table."""
+    return _run(session, AUTH_RESPONSE, TRANSITIONS[AUTH][AUTH_RESPONSE], line)
+
+
 def refuse_long_line(session):
     """A command line over 512 octets (RFC 5321 4.5.3.1.4); it counts as an error."""
     return _count_error(session, replies.LINE_TOO_LONG)
@@ -489,7 +620,8 @@ def refuse_long_line(session):
 def abort_transaction(session):
     """After an unexpected error: discard the envelope and answer 451 (RFC 5321 4.2.3)."""
     reset_transaction(session)
-    if session["state"] in (MAIL, RCPT, DATA):
+    session["sasl"] = None
+    if session["state"] in (MAIL, RCPT, DATA, AUTH):
         session["state"] = GREETED
     return replies.LOCAL_ERROR
 
@@ -498,6 +630,8 @@ def _run(session, verb, rule, argument):
     reply = rule.handler(session, argument)
     old = session["state"]
     session["state"] = rule.next_state(old, reply)
+    if reply.code == 421:                   # RFC 5321 3.8: 421 closes the session
+        session["state"] = CLOSED
     session["transition"] = (verb, old, session["state"])
     return _count_error(session, reply) if reply.code >= 500 else reply
 

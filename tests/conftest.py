@@ -1,6 +1,8 @@
 """Shared fixtures: a server started in-process on port 0 with temporary directories."""
 import os
+import shutil
 import smtplib
+import subprocess
 import time
 
 import pytest
@@ -123,3 +125,16 @@ def stored_files(root):
     for directory, _, names in os.walk(root):
         found += [os.path.join(directory, name) for name in names]
     return found
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory):
+    """A self-signed pair made with openssl, as the README shows."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=mail.test.ru", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)

@@ -2,7 +2,8 @@
 
     mx = FakeMX("127.0.0.3", port, rcpt=["450 4.2.0 busy", "250 2.1.5 ok"])
 
-`rcpt` is the list of replies to successive RCPT commands (the last one repeats);
+`rcpt` is the list of replies to successive RCPT commands (the last one repeats; "CLOSE"
+hangs up instead of answering);
 `greeting=None` never greets (a hung server). Every finished transaction is kept in
 `messages` as (mail_from, [rcpt_to], data) and signalled through `received`.
 """
@@ -83,6 +84,8 @@ class FakeMXHandler(socketserver.StreamRequestHandler):
                 self.send("250 2.1.0 ok")
             elif verb == "RCPT":
                 reply = server.next_rcpt_reply()
+                if reply == "CLOSE":                # drop the connection mid-transaction
+                    return
                 if reply.startswith("2"):
                     rcpt_to.append(command[8:].split(">")[0].lstrip("<"))
                 self.send(reply)
@@ -96,6 +99,8 @@ class FakeMXHandler(socketserver.StreamRequestHandler):
                     with server.lock:
                         server.messages.append((mail_from, rcpt_to, data))
                     server.received.release()
+            elif verb == "STAR":                    # STARTTLS, but no TLS follows
+                self.send("220 2.0.0 go ahead")
             elif verb == "QUIT":
                 self.send("221 2.0.0 bye")
                 return

@@ -189,6 +189,19 @@ def test_temporary_failure_then_success(world, tmp_path):
     assert maildir_messages(tmp_path / "mail", "alice@test.ru") == []   # no bounce
 
 
+def test_connection_lost_after_mail_is_retried(world, tmp_path):
+    world.resolve({"remote.test": a_record("127.0.0.2")})
+    mx = world.mx("127.0.0.2", rcpt=["CLOSE", "250 2.1.5 ok"])
+    server = world.server()
+    send(server, ["bob@remote.test"])
+    assert mx.wait_for(1)
+    assert mx.sessions == 2
+    assert wait_until(lambda: queue_empty(server))
+    assert maildir_messages(tmp_path / "mail", "alice@test.ru") == []
+    log = (tmp_path / "logs" / "smtpd.log").read_text()
+    assert "<bob@remote.test>: pending: 451 4.4.2 remote closed the connection" in log
+
+
 def test_permanent_failure_bounces_with_the_original_headers(world, tmp_path):
     world.resolve({"remote.test": a_record("127.0.0.2")})
     world.mx("127.0.0.2", rcpt=["550 5.1.1 no such user here"])
@@ -326,7 +339,8 @@ def start_process(config_file):
 
 def test_kill_9_while_queued_then_restart_delivers_each_message_once(world, tmp_path):
     world.resolve({"remote.test": a_record("127.0.0.2")})
-    sections = config_sections(tmp_path, **world.overrides(**{"relay.retry": "1"}))
+    sections = config_sections(tmp_path, **world.overrides(**{"relay.retry": "1",
+                                                              "server.user": "root"}))
     config_file = write_config_file(tmp_path / "smtpd.conf", sections)
     process, port = start_process(config_file)
     try:
@@ -349,3 +363,45 @@ def test_kill_9_while_queued_then_restart_delivers_each_message_once(world, tmp_
         process.wait(10)
     subjects = sorted(data.split(b"Subject: ")[1].split(b"\r\n")[0] for _, _, data in mx.messages)
     assert subjects == sorted(f"crash {n}".encode() for n in range(10))
+
+
+def test_relay_uses_starttls_when_the_mx_offers_it(world, tmp_path, start_server, certificate):
+    world.resolve({"remote.test": a_record("127.0.0.2")})
+    remote_dir = tmp_path / "remote"
+    remote_dir.mkdir()
+    cert, key = certificate
+    remote_config = make_config(remote_dir, users=("bob",), ip="127.0.0.2",
+                                **{"domains.local": "remote.test", "tls.cert": cert,
+                                   "tls.key": key})
+    start_server(dataclasses.replace(remote_config, port=world.port))
+    server = world.server(**{"relay.tls": "require"})
+    send(server, ["bob@remote.test"])
+    assert wait_until(lambda: maildir_messages(remote_dir / "mail", "bob@remote.test"))
+    log = (tmp_path / "logs" / "smtpd.log").read_text()
+    assert f"127.0.0.2:{world.port} -> STARTTLS" in log
+    assert "TLS established: TLSv1.3" in log
+    assert "TLS established" in (remote_dir / "logs" / "smtpd.log").read_text()
+
+
+def test_tls_required_but_not_offered_keeps_the_mail_queued(world):
+    world.resolve({"remote.test": a_record("127.0.0.2")})
+    mx = world.mx("127.0.0.2")                  # offers no STARTTLS
+    server = world.server(**{"relay.tls": "require", "relay.retry": "3600"})
+    send(server, ["bob@remote.test"])
+    name = server.storage.spooled_names()[0]
+    record = wait_until(lambda: server.storage.read_state(name))
+    recipient = record["recipients"]["bob@remote.test"]
+    assert recipient["status"] == "pending"
+    assert recipient["last_error"].startswith("451 4.7.10")
+    assert not mx.messages
+
+
+def test_a_failed_handshake_falls_back_to_clear_text(world, tmp_path):
+    world.resolve({"remote.test": a_record("127.0.0.2")})
+    # offers STARTTLS, answers 220, then speaks clear text: the handshake fails
+    mx = world.mx("127.0.0.2", ehlo=("250-fake.mx", "250 STARTTLS"))
+    server = world.server()
+    send(server, ["bob@remote.test"])
+    assert mx.wait_for(1)
+    log = (tmp_path / "logs" / "smtpd.log").read_text()
+    assert "TLS handshake with" in log and "trying again in clear text" in log
