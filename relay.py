@@ -241,7 +241,11 @@ class Transaction:
         try:
             hops = self.resolver.next_hops(self.domain, self.tag)
         except DeliveryError as error:
+            self._trace(f"no next hop for {self.domain}: {error.reply} "
+                        f"({'permanent' if error.permanent else 'temporary'}; RFC 5321 5.1)")
             return self._all(FAILED if error.permanent else PENDING, error.reply)
+        self._trace(f"next hops for {self.domain}, in order: "
+                    f"{', '.join(f'{ip}:{port}' for ip, port in hops)} (RFC 5321 5.1)")
         last_error = f"451 4.4.1 no mail exchanger of {self.domain} answered"
         for address in hops:
             try:
@@ -254,6 +258,10 @@ class Transaction:
                 return self._all(FAILED if error.permanent else PENDING, error.reply,
                                  f"{address[0]}:{address[1]}")
         return self._all(PENDING, last_error)
+
+    def _trace(self, text):
+        if self.config.trace:
+            self.log.info("%s    %s", self.tag, text)
 
     def _all(self, status, reply, remote=""):
         return {recipient: Outcome(status, reply, remote) for recipient in self.recipients}
@@ -304,6 +312,7 @@ class Transaction:
     def _secure(self, client, extensions, remote, use_tls):
         """STARTTLS when the remote offers it; `[relay] tls = require` sends nothing in clear."""
         if use_tls and "STARTTLS" in extensions:
+            self._trace("the remote offers STARTTLS: upgrading before MAIL (RFC 3207 4)")
             code, text = client.command("STARTTLS")
             if code != 220:
                 raise TlsFailed(f"454 4.7.0 STARTTLS refused by {remote}: {text}")
@@ -649,6 +658,9 @@ class QueueRunner:
             if outcome.status == PENDING:
                 delays = self.config.retry
                 state["next_attempt"] = now + delays[min(state["attempts"], len(delays)) - 1]
+                if self.config.trace:
+                    self.log.info("[%s]    <%s> retried in %ds (RFC 5321 4.5.4.1)",
+                                  record["queue_id"], recipient, state["next_attempt"] - now)
             if outcome.status == FAILED:
                 failures[recipient] = outcome
             self.log.info("[%s] <%s>: %s: %s", record["queue_id"], recipient,

@@ -97,16 +97,17 @@ class Connection:
                 return None
             self.buffer += data
 
-    def read_message(self, keep_at_most):
+    def read_message(self, keep_at_most, progress=None):
         """The message text after 354, up to <CRLF>.<CRLF> (RFC 5321 4.1.1.4), still
         dot-stuffed; None when the client has gone. Only that exact sequence ends it: a bare
         LF or CR never does (RFC 5321 2.3.8). Past `keep_at_most` octets the text is read
-        and dropped (RawMessage.oversize). Raises TimeoutError if a line takes too long."""
+        and dropped (RawMessage.oversize). Raises TimeoutError if a line takes too long.
+        `progress(octets)` (--trace) hears about every 64 KiB."""
         # The CRLF that ended "DATA" begins the terminator of an empty message.
         text = bytearray(b"\r\n")
         text += self.buffer
         self.buffer = b""
-        searched, oversize = 0, False
+        searched, oversize, total, reported = 0, False, 0, 0
         deadline = time.monotonic() + self.timeout
         while True:
             end = text.find(b"\r\n.\r\n", searched)
@@ -124,6 +125,10 @@ class Connection:
             if b"\n" in data:
                 deadline = time.monotonic() + self.timeout
             text += data
+            total += len(data)
+            if progress and total - reported >= 65536:
+                progress(total)
+                reported = total
 
 
 class SessionLog:
@@ -140,6 +145,10 @@ class SessionLog:
 
     def received(self, line):
         self.log.info("%s <- %s", self.tag, line)
+
+    def trace(self, text, *args):
+        """--trace: state changes and RFC sections, beside the dialogue."""
+        self.log.info(f"%s    {text}", self.tag, *args)
 
     def info(self, text, *args):
         self.log.info(f"%s {text}", self.tag, *args)
@@ -227,6 +236,8 @@ class SessionHandler(socketserver.BaseRequestHandler):
         if session["auth_failures"] > failures:
             time.sleep(self.server.config.auth_failure_delay)   # slows password guessing
         self.reply(connection, log, reply)
+        if self.server.config.trace:
+            log.trace(state.describe(session, reply))
 
     def start_tls(self, session, connection, log):
         discarded = connection.start_tls(self.server.tls_context)
@@ -237,13 +248,24 @@ class SessionHandler(socketserver.BaseRequestHandler):
                  connection.sock.cipher()[0])
 
     def receive_message(self, session, connection, log):
-        raw = connection.read_message(state.raw_text_limit(session["server"]))
+        tracing = self.server.config.trace
+        progress = None
+        if tracing:
+            log.trace("reading message text until <CRLF>.<CRLF> (RFC 5321 4.1.1.4)")
+            progress = lambda octets: log.trace("DATA: %d octets so far", octets)
+        raw = connection.read_message(state.raw_text_limit(session["server"]), progress)
         if raw is None:
             log.info("client left during DATA; nothing stored")
             return False
         size = "over the limit" if raw.oversize else f"{len(raw.text)} octets"
         log.received(f"(message text, {size})")
-        self.reply(connection, log, self.run(state.receive_message, session, raw, log))
+        if tracing:
+            for note in state.framing_notes(raw):
+                log.trace(note)
+        reply = self.run(state.receive_message, session, raw, log)
+        self.reply(connection, log, reply)
+        if tracing:
+            log.trace(state.describe(session, reply))
         return True
 
     def run(self, step, session, argument, log):

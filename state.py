@@ -306,6 +306,28 @@ def check_message(raw, max_size):
     return message, None
 
 
+def framing_notes(raw):
+    """What the DATA reader did, in words, for --trace (RFC 5321 4.1.1.4, 4.5.2)."""
+    if raw.oversize:
+        return ["end of data found; the text was over the size limit and was not kept"]
+    stuffed = raw.text.count(b"\r\n..") + raw.text.startswith(b"..")
+    return [f"end of data: <CRLF>.<CRLF> after {len(raw.text)} octets (RFC 5321 4.1.1.4)",
+            f"dot-stuffing removed from {stuffed} line(s) (RFC 5321 4.5.2)"]
+
+
+def describe(session, reply):
+    """One --trace line for a reply: the state change and the rule behind it."""
+    outcome = "accepted" if reply.code < 300 else \
+        "waiting for more" if reply.code < 400 else "refused"
+    transition = session["transition"]
+    if transition:
+        verb, old, new = transition
+        moves = f"[{old} -> {new}] {EDGE_NAMES.get(verb, verb)} {outcome}"
+    else:
+        moves = f"[{session['state']}] {outcome}"
+    return f"{moves}: {reply.code} {reply.enhanced} ({reply.rfc})".replace("  ", " ")
+
+
 def dot_unstuff(text):
     """RFC 5321 4.5.2: transparency. A line's leading period is removed."""
     if text.startswith(b"."):
@@ -575,6 +597,57 @@ def states_allowing(verb):
     return [state for state, rules in TRANSITIONS.items() if verb in rules]
 
 
+# The reply each cell gives when it goes well (2xx) or asks for more (3xx), for --fsm
+SUCCESS_REPLIES = {
+    "HELO": replies.HELO_OK, "EHLO": replies.EHLO_OK, "MAIL": replies.SENDER_OK,
+    "RCPT": replies.RECIPIENT_OK, "RSET": replies.RESET_OK, "NOOP": replies.OK,
+    "VRFY": replies.CANNOT_VRFY, "HELP": replies.HELP, "QUIT": replies.CLOSING,
+    "STARTTLS": replies.READY_FOR_TLS, "AUTH": replies.AUTH_OK, END_OF_DATA: replies.QUEUED,
+    AUTH_RESPONSE: replies.AUTH_OK, "EXPN": replies.NO_EXPN,
+}
+WAITING_REPLIES = {"DATA": replies.START_DATA, "AUTH": replies.AUTH_CHALLENGE,
+                   AUTH_RESPONSE: replies.AUTH_CHALLENGE}
+# Mermaid and Graphviz labels cannot hold "<"; the pseudo-verbs get plain names
+EDGE_NAMES = {END_OF_DATA: "CRLF.CRLF", AUTH_RESPONSE: "SASL response"}
+
+
+def edges():
+    """The table as a list of (from, to, label), verbs with the same move and reply merged:
+    every allowed verb, and where each kind of reply takes the session."""
+    merged = {}
+    for state, rules in TRANSITIONS.items():
+        for verb, rule in rules.items():
+            for code, target in _moves(verb, rule):
+                key = (state, target or state, code)
+                merged.setdefault(key, []).append(EDGE_NAMES.get(verb, verb))
+    return [(source, target, f"{', '.join(verbs)} / {code}")
+            for (source, target, code), verbs in merged.items()]
+
+
+def _moves(verb, rule):
+    if verb in SUCCESS_REPLIES:
+        yield str(SUCCESS_REPLIES[verb].code), rule.success
+    if verb in WAITING_REPLIES:
+        yield str(WAITING_REPLIES[verb].code), rule.waiting
+    if rule.failure is not STAY:
+        yield "4xx/5xx", rule.failure
+
+
+def draw(kind="mermaid"):
+    """The state machine as Mermaid (README) or Graphviz dot (`python smtpd.py --fsm dot`)."""
+    if kind == "dot":
+        lines = ["digraph smtp {", "    rankdir=LR;", '    connect [shape=point];',
+                 f'    connect -> {START} [label="connect / {replies.GREETING.code}"];']
+        lines += [f'    {source} -> {target} [label="{label}"];'
+                  for source, target, label in edges()]
+        return "\n".join(lines + ["}"])
+    lines = ["stateDiagram-v2", f"    [*] --> {START} : connect / {replies.GREETING.code}"]
+    lines += [f"    {source} --> {target} : {label}"
+              for source, target, label in edges()]
+    lines.append(f"    {CLOSED} --> [*]")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------
 # The dispatcher
 
@@ -582,6 +655,7 @@ def states_allowing(verb):
 def dispatch(session, line):
     """One command line (bytes, without CRLF) in, one Reply out; the state moves per the table."""
     server = session["server"]
+    session["transition"] = None
     if session["errors"] >= server.max_errors:
         return _close(session, replies.TOO_MANY_ERRORS.format(hostname=server.hostname))
     try:

@@ -405,3 +405,16 @@ def test_a_failed_handshake_falls_back_to_clear_text(world, tmp_path):
     assert mx.wait_for(1)
     log = (tmp_path / "logs" / "smtpd.log").read_text()
     assert "TLS handshake with" in log and "trying again in clear text" in log
+
+
+def test_relay_trace_shows_the_mx_answer_and_the_next_hops(world, tmp_path):
+    world.resolve({"remote.test": [("MX", "10 mx1.remote.test.")],
+                   "mx1.remote.test": a_record("127.0.0.2")})
+    mx = world.mx("127.0.0.2", rcpt=["450 4.2.1 later", "250 2.1.5 ok"])
+    server = world.server(**{"log.trace": "yes"})
+    send(server, ["bob@remote.test"])
+    assert mx.wait_for(1)
+    log = (tmp_path / "logs" / "smtpd.log").read_text()
+    assert "MX lookup for remote.test: 10 mx1.remote.test" in log
+    assert f"next hops for remote.test, in order: 127.0.0.2:{world.port} (RFC 5321 5.1)" in log
+    assert "<bob@remote.test> retried in 1s (RFC 5321 4.5.4.1)" in log
