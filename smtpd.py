@@ -295,7 +295,9 @@ class SMTPServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 4096       # a burst of connects waits in the kernel, not dropped
 
-    def __init__(self, config, log):
+    def __init__(self, config, log, port=None, main=None):
+        """The listener on config.port; with `main`, the submission listener (RFC 6409) on
+        `port`, which shares main's users, disk and relay and requires AUTH before MAIL."""
         self.config = config
         self.log = log
         self.hostname = config.hostname
@@ -304,14 +306,20 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self.sessions = {}                      # session id -> (session, connection)
         self._clients = collections.Counter()   # client ip -> open sessions
         self._clients_lock = threading.Lock()
-        self.users = Users(config.users_file)
-        self.storage = Storage(config.maildir, config.spool)
-        self.spool_lock = self.storage.lock_spool()    # one queue runner per spool
-        if self.spool_lock is None:
-            raise StorageError(f"spool {config.spool} is in use by process "
-                               f"{self.storage.spool_owner()}")
-        self.relay = relay.QueueRunner(config, self.storage, self.users.has_mailbox, log)
-        self.tls_context = make_tls_context(config)
+        self.main = main
+        self.submission = None
+        if main is None:
+            self.users = Users(config.users_file)
+            self.storage = Storage(config.maildir, config.spool)
+            self.spool_lock = self.storage.lock_spool()    # one queue runner per spool
+            if self.spool_lock is None:
+                raise StorageError(f"spool {config.spool} is in use by process "
+                                   f"{self.storage.spool_owner()}")
+            self.relay = relay.QueueRunner(config, self.storage, self.users.has_mailbox, log)
+            self.tls_context = make_tls_context(config)
+        else:
+            self.users, self.storage, self.relay = main.users, main.storage, main.relay
+            self.tls_context = main.tls_context
         self.protocol = state.Server(
             hostname=config.hostname,
             local_domains=config.local_domains,
@@ -325,8 +333,9 @@ class SMTPServer(socketserver.ThreadingTCPServer):
             check_password=self.users.check_password,
             auth_plaintext=config.auth_allow_plaintext,
             max_auth_failures=config.auth_max_failures,
+            auth_required=main is not None,
         )
-        super().__init__((config.ip, config.port), SessionHandler)
+        super().__init__((config.ip, config.port if port is None else port), SessionHandler)
 
     def server_bind(self):
         if self.address_family == socket.AF_INET6:
@@ -385,14 +394,19 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         self._thread = threading.Thread(target=self.serve_forever, args=(0.1,), name="accept",
                                         daemon=True)
         self._thread.start()
-        if self.relay:
+        if self.main is None:
             self.relay.start()
-        self.log.info("listening on %s", format_peer(*self.address))
+        kind = "submission (AUTH required) " if self.main else ""
+        self.log.info("%slistening on %s", kind, format_peer(*self.address))
+        if self.submission:
+            self.submission.start()
         return self
 
     def stop(self, grace=None):
         """Stop accepting; sessions waiting for a command get 421 4.3.2; sessions in DATA
         may finish (up to `grace` seconds, default the idle timeout)."""
+        if self.submission:
+            self.submission.stop(grace)
         self.stopping.set()
         self.shutdown()
         self.server_close()
@@ -405,8 +419,9 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         deadline = time.monotonic() + (self.config.timeout if grace is None else grace)
         while self.sessions and time.monotonic() < deadline:
             time.sleep(0.01)
-        if self.relay:
-            self.relay.stop()
+        if self.main:
+            return                  # the main listener stops the relay and the log
+        self.relay.stop()
         self.spool_lock.close()
         self.log.info("stopped")
         for handler in list(self.log.handlers):
@@ -482,11 +497,17 @@ def start(config, console=True, as_service=False):
     """Build, bind and start a server for `config` (tests use port 0). Returns the server.
     `as_service` (the command line) drops root privileges after binding."""
     log = make_logger(config, console)
+    server = None
     try:
         server = SMTPServer(config, log)
+        if config.submission_port:
+            server.submission = SMTPServer(config, log, port=config.submission_port, main=server)
         if as_service:
             drop_privileges(config, log)
     except BaseException:
+        if server:
+            server.server_close()
+            server.spool_lock.close()
         for handler in list(log.handlers):
             handler.close()
             log.removeHandler(handler)

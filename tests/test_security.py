@@ -359,3 +359,24 @@ def test_started_as_root_it_drops_to_the_configured_user():
             process.stderr.close()
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+# --- the submission port (RFC 6409) ----------------------------------------------------
+
+def test_submission_port_requires_auth_before_mail(tmp_path, start_server):
+    from tests.fake_mx import free_port
+    users_with_password(tmp_path)
+    port = free_port(["127.0.0.1"])
+    server = start_server(make_config(tmp_path, **{"tls.submission_port": port}))
+    with Client(("127.0.0.1", port)) as client:
+        client.command("EHLO client.example")
+        assert client.command("MAIL FROM:<alice@test.ru>")[1][0].startswith("530 5.7.0")
+        plain = base64.b64encode(f"\0alice@test.ru\0{PASSWORD}".encode()).decode()
+        assert client.code(f"AUTH PLAIN {plain}") == 235
+        client.send_message("alice@test.ru", ["bob@test.ru", "carol@remote.test"],
+                            b"Subject: submitted\r\n\r\nhi\r\n.\r\n", helo="client.example")
+    assert len(maildir_messages(tmp_path / "mail", "bob@test.ru")) == 1
+    assert [n for n in os.listdir(tmp_path / "spool") if n.endswith(".smtp")]
+    with Client(server.address) as client:              # port 25 still takes mail without AUTH
+        client.command("EHLO client.example")
+        assert client.code("MAIL FROM:<alice@test.ru>") == 250
