@@ -158,8 +158,9 @@ class SessionLog:
 
 
 def loggable(line):
-    """A command line as the log shows it: AUTH keeps its mechanism, never its credentials."""
-    text = line.decode("ascii", "backslashreplace")
+    """A command line as the log shows it: control bytes escaped (a stray CR must not forge
+    a log line), AUTH with its mechanism but never its credentials."""
+    text = "".join(chr(byte) if 0x20 <= byte <= 0x7e else f"\\x{byte:02x}" for byte in line)
     verb, _, argument = text.partition(" ")
     if verb.upper() == "AUTH" and " " in argument.strip():
         return f"{verb} {argument.split()[0]} (credentials not logged)"

@@ -60,8 +60,10 @@ class Client:
         """True once the server has closed the connection (reads EOF)."""
         try:
             return self.sock.recv(1) == b"" and not self.buffer
+        except socket.timeout:
+            return False                # still open: the server said nothing and kept it
         except OSError:
-            return True
+            return True                 # reset by the server
 
     def send_message(self, sender, recipients, body, helo="client.example"):
         """A whole transaction; returns the final reply's (code, lines)."""
