@@ -342,7 +342,10 @@ def count_received_headers(message):
 
 def received_header(session, queue_id, recipients, now=None):
     """RFC 5321 4.4: the trace line this server adds, with RFC 3848's protocol names."""
-    protocol = "ESMTP" if session["esmtp"] else "SMTP"
+    protocol = "SMTP"
+    if session["esmtp"]:        # RFC 3848 2: ESMTP, ESMTPS (TLS), ESMTPA (AUTH), ESMTPSA
+        protocol = "ESMTP" + ("S" if session["tls"] else "") + \
+            ("A" if session["authenticated"] else "")
     for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
     date = email.utils.format_datetime(now or _now())
     line = (f"Received: from {session['helo']} ({address_literal(session['client_ip'])})\r\n"

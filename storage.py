@@ -161,8 +161,21 @@ def _write_durably(path, content, replace=False):
         raise
     os.close(descriptor)
     if replace:
+        _keep_owner_and_mode(target, path)
         os.replace(path, target)
         fsync_directory(os.path.dirname(target) or ".")
+
+
+def _keep_owner_and_mode(old, new):
+    """A replaced file (the users file, edited by root with --add-user) stays readable by
+    whoever could read the old one."""
+    try:
+        info = os.stat(old)
+    except FileNotFoundError:
+        return
+    os.chmod(new, info.st_mode & 0o7777)
+    if os.geteuid() == 0:
+        os.chown(new, info.st_uid, info.st_gid)
 
 
 def fsync_directory(path):

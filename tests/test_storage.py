@@ -414,3 +414,12 @@ def test_add_user_replaces_the_entry(tmp_path):
     assert entries == {"alice": None, "bob": "new"}
     with open(path) as users_file:
         assert users_file.read().startswith("# users\nalice\n")
+
+
+def test_add_user_keeps_the_users_file_readable(tmp_path):
+    users_file = tmp_path / "users"
+    users_file.write_text("alice\n")
+    os.chmod(users_file, 0o644)
+    storage.add_user(str(users_file), "bob@test.ru", "scrypt$1$1$1$AA==$AA==")
+    assert oct(os.stat(users_file).st_mode & 0o777) == "0o644"
+    assert users_file.read_text() == "alice\nbob@test.ru:scrypt$1$1$1$AA==$AA==\n"
