@@ -71,6 +71,7 @@ def new_session(server, client_ip="127.0.0.1", client_port=0, session_id=None):
         "server": server,
         "client_ip": client_ip,
         "client_port": client_port,
+        "client_literal": address_literal(client_ip),     # for Received: lines
         "state": START,
         "helo": None,              # the name from HELO/EHLO
         "esmtp": False,            # EHLO rather than HELO
@@ -348,7 +349,7 @@ def received_header(session, queue_id, recipients, now=None):
             ("A" if session["authenticated"] else "")
     for_clause = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
     date = email.utils.format_datetime(now or _now())
-    line = (f"Received: from {session['helo']} ({address_literal(session['client_ip'])})\r\n"
+    line = (f"Received: from {session['helo']} ({session['client_literal']})\r\n"
             f"\tby {session['server'].hostname} (smtpd) with {protocol} id {queue_id}"
             f"{for_clause};\r\n\t{date}\r\n")
     return line.encode("ascii", "replace")

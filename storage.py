@@ -23,6 +23,7 @@ import passwords
 
 # Maildir names count deliveries per process, whatever Storage object makes them
 _DELIVERIES = itertools.count(1)
+_PID = os.getpid()
 
 SPOOL_SUFFIX = ".smtp"
 STATE_SUFFIX = ".state"
@@ -243,6 +244,20 @@ class Storage:
         temporary = os.path.join(folders[0], "tmp", unique)
         # RFC 5321 4.4: the final delivery adds Return-Path with the reverse path
         _write_durably(temporary, b"Return-Path: <%s>\r\n" % reverse_path.encode() + message)
+        if len(folders) == 1:               # the common case: one rename, as Maildir intends
+            try:
+                os.rename(temporary, os.path.join(folders[0], "new", unique))
+            except BaseException:
+                os.unlink(temporary)
+                raise
+        else:
+            self._link_into(temporary, folders, unique)
+        for folder in folders:
+            fsync_directory(os.path.join(folder, "new"))
+
+    @staticmethod
+    def _link_into(temporary, folders, unique):
+        """The same file in each folder's new/ (hard links), then the temporary name gone."""
         linked = []
         try:
             for folder in folders:
@@ -255,8 +270,6 @@ class Storage:
             raise
         finally:
             os.unlink(temporary)
-        for folder in folders:
-            fsync_directory(os.path.join(folder, "new"))
 
     def mailbox_folder(self, address):
         """<maildir>/<domain>/<user>, refusing any name that could leave the tree."""
@@ -275,7 +288,7 @@ class Storage:
     def _unique_name(self):
         """time.M<usec>P<pid>Q<n>.host, unique per the Maildir spec."""
         now = time.time()
-        return (f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}"
+        return (f"{int(now)}.M{int(now % 1 * 1e6)}P{_PID}"
                 f"Q{next(_DELIVERIES)}.{self._host}")
 
     # Spool
