@@ -1,0 +1,798 @@
+#!/usr/bin/env python3
+"""Benchmark smtpd against aiosmtpd (Maildir) and Postfix's smtp-sink, on loopback only.
+
+    python bench/run.py [--quick] [--runs N] [--out DIR] [--only KEY,...]
+
+Every peer listens on its own 127.0.0.1 port and is started fresh (with its own temporary
+Maildir) for every measurement; Postfix's `smtp-source` drives the same workloads against
+each. After each run the Maildir files are counted: a run whose messages are not all on disk
+is reported as a failure, not as a rate. See bench/README.md for how to read the output.
+
+Installs nothing: it says what is missing and stops.
+"""
+import argparse
+import atexit
+import datetime
+import json
+import os
+import platform
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+HOST = "127.0.0.1"
+DOMAIN = "test.ru"
+SENDER = "bench@test.ru"
+RECIPIENT = "user@" + DOMAIN        # smtp-source -r N sends Nuser@, ..., 2user@, user@
+# aiosmtpd: mailbox.Maildir without fsync (the issue's peer; the targets are ratios to it).
+# aiosmtpd-fsync: mailbox.Maildir as it ships, which fsyncs each file (not the directory).
+PEERS = ("smtpd", "aiosmtpd", "aiosmtpd-fsync", "smtp-sink")
+STORING_PEERS = ("smtpd", "aiosmtpd", "aiosmtpd-fsync")
+IDLE_PEERS = ("smtpd", "aiosmtpd")
+BURST_PEERS = ("smtpd", "aiosmtpd", "smtp-sink")
+
+# Each workload: the smtp-source options and the target ratio smtpd/aiosmtpd (issue 5).
+# Message counts are sized so that smtpd needs a few seconds per run on a 2-core machine.
+WORKLOADS = [
+    dict(key="seq", title="1 session, sequential, 1 KB",
+         sessions=1, messages=1500, size=1024, recipients=1, keep=False, target=1.5),
+    dict(key="s50", title="50 sessions, 10 KB",
+         sessions=50, messages=3000, size=10240, recipients=1, keep=False, target=1.5),
+    dict(key="long", title="20 long-lived sessions, 1 KB (-d)",
+         sessions=20, messages=4000, size=1024, recipients=1, keep=True, target=1.5),
+    dict(key="r100", title="100 recipients per message, 1 KB",
+         sessions=10, messages=200, size=1024, recipients=100, keep=False, target=1.2),
+    dict(key="s200", title="200 sessions, 1 KB",
+         sessions=200, messages=3000, size=1024, recipients=1, keep=False, target=4.0),
+]
+IDLE_LEVELS = (100, 500, 1000, 2000)
+IDLE_RSS_TARGET_KIB = 32
+NEW_CLIENT_TARGET_MS = 100
+BURST = 1024
+
+WORKLOAD_TIMEOUT = 180          # seconds: smtp-source is killed after this, the run fails
+START_TIMEOUT = 20              # seconds for a peer to greet after it is started
+GREETING_TIMEOUT = 10           # seconds for one 220 in the idle and burst tests
+
+
+# ---------------------------------------------------------------------------------------
+# What the benchmark needs
+
+
+def find_tool(name):
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+    return shutil.which(name, path=path)
+
+
+def check_requirements():
+    """Return {tool: path}; print what is missing and exit 2 if anything is."""
+    missing = []
+    tools = {name: find_tool(name) for name in ("smtp-source", "smtp-sink")}
+    if not all(tools.values()):
+        absent = " and ".join(f"`{name}`" for name, path in tools.items() if not path)
+        missing.append(f"{absent} (Debian/Ubuntu package `postfix`; the service need not run):\n"
+                       "    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y postfix")
+    for module, why in (("aiosmtpd", "the aiosmtpd peer"), ("matplotlib", "the plot")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(f"Python module `{module}` ({why}):\n"
+                           f"    pip install -r bench/requirements.txt")
+    try:
+        __import__("dns")
+    except ImportError:
+        missing.append("Python module `dns` (dnspython, smtpd's own dependency):\n"
+                       "    pip install -r requirements.txt")
+    if missing:
+        print("bench: missing, nothing was installed:", file=sys.stderr)
+        for item in dict.fromkeys(missing):
+            print("  - " + item, file=sys.stderr)
+        sys.exit(2)
+    return tools
+
+
+def raise_file_limit(needed):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return soft
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        target = soft
+    if target < needed:
+        print(f"bench: warning: open files limited to {target} (hard limit); "
+              f"the idle and burst tests need about {needed}", file=sys.stderr)
+    return target
+
+
+# ---------------------------------------------------------------------------------------
+# Processes: every one is started in its own process group and killed at the end
+
+
+_children = []
+
+
+def spawn(command, log_path, cwd=None):
+    log_file = open(log_path, "wb")
+    try:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
+    finally:
+        log_file.close()
+    _children.append(process)
+    return process
+
+
+def stop_process(process, grace=5.0):
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+    if process in _children:
+        _children.remove(process)
+
+
+def kill_all_children():
+    for process in list(_children):
+        stop_process(process, grace=2.0)
+
+
+def on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def tail(path, lines=15):
+    try:
+        with open(path, errors="replace") as log_file:
+            return "".join(log_file.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------
+# Peers
+
+
+class Peer:
+    """One server under test, started fresh in its own temporary directory."""
+
+    def __init__(self, name, tools, parent):
+        self.name = name
+        self.tools = tools
+        self.directory = tempfile.mkdtemp(prefix=f"{name}-", dir=parent)
+        self.maildir = os.path.join(self.directory, "mail") if name in STORING_PEERS else None
+        self.port = free_port()
+        self.log = os.path.join(self.directory, "console.log")
+        self.process = None
+
+    def command(self):
+        if self.name == "smtpd":
+            return [sys.executable, os.path.join(ROOT, "smtpd.py"), HOST,
+                    "--port", str(self.port), "--config", self._write_smtpd_config()]
+        if self.name.startswith("aiosmtpd"):
+            return [sys.executable, os.path.join(BENCH, "aiosmtpd_maildir.py"),
+                    "--port", str(self.port), "--maildir", self.maildir] \
+                + (["--fsync"] if self.name == "aiosmtpd-fsync" else [])
+        sink = [self.tools["smtp-sink"]]
+        if os.geteuid() == 0:
+            sink += ["-u", "nobody"]            # smtp-sink refuses to run as root without it
+        return sink + ["-m", "5000", f"{HOST}:{self.port}", "4096"]
+
+    def _write_smtpd_config(self):
+        users = os.path.join(self.directory, "users")
+        with open(users, "w") as users_file:
+            # smtp-source -r N: Nuser, ..., 2user, user (every one a real local mailbox)
+            users_file.write("user\n" + "".join(f"{n}user\n" for n in range(1, 101)))
+        path = os.path.join(self.directory, "smtpd.conf")
+        with open(path, "w") as config_file:
+            config_file.write(f"""[server]
+hostname = mail.test.ru
+max_clients = 5000
+max_clients_per_ip = 5000
+timeout = 120
+max_recipients = 100
+user = root
+[domains]
+local = {DOMAIN}
+[users]
+file = {users}
+[storage]
+maildir = {self.maildir}
+spool = {os.path.join(self.directory, "spool")}
+[log]
+dir = {os.path.join(self.directory, "logs")}
+level = WARNING
+""")
+        return path
+
+    def start(self):
+        """Start the server and wait for its 220; on failure the process is stopped."""
+        self.process = spawn(self.command(), self.log, cwd=self.directory)
+        try:
+            self._wait_for_greeting()
+        except BaseException:
+            stop_process(self.process)
+            raise
+        return self
+
+    def _wait_for_greeting(self):
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n"
+                                   + tail(self.log))
+            try:
+                with socket.create_connection((HOST, self.port), timeout=2) as client:
+                    if read_reply(client, 2).startswith(b"220"):
+                        client.sendall(b"QUIT\r\n")
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not greet on {HOST}:{self.port} within "
+                           f"{START_TIMEOUT}s:\n" + tail(self.log))
+
+    def rss_kib(self):
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stored_files(self):
+        """Messages in every <maildir>/<domain>/<user>/new/."""
+        count = 0
+        for domain in os.scandir(self.maildir) if os.path.isdir(self.maildir) else ():
+            for user in os.scandir(domain.path):
+                new = os.path.join(user.path, "new")
+                if os.path.isdir(new):
+                    count += sum(1 for _ in os.scandir(new))
+        return count
+
+    def stop(self):
+        """Stop the server. Its files stay until the whole benchmark ends: deleting tens of
+        thousands of files between runs makes ext4 slower to allocate the next run's inodes
+        (it skips recently deleted ones), which would tax whichever peer runs next."""
+        if self.process:
+            stop_process(self.process)
+
+
+def read_reply(sock, timeout):
+    """Read one (possibly multiline) reply; returns its bytes ('' if the peer closed)."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+        lines = data.split(b"\r\n")
+        if len(lines) > 1 and any(len(line) >= 4 and line[3:4] == b" " for line in lines[:-1]):
+            return data
+
+
+# ---------------------------------------------------------------------------------------
+# Measurements
+
+
+def tcp_counters():
+    """The kernel's TcpExt counters (what `nstat` shows): ListenOverflows counts connects
+    dropped on a full accept queue; SyncookiesSent, SYNs answered statelessly because the
+    SYN queue was full (when such a client's ACK meets a full accept queue it is dropped and
+    never retried: the client sits connected, waiting for a 220 that does not come)."""
+    with open("/proc/net/netstat") as netstat:
+        lines = netstat.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:]))
+            return {key: int(table.get(key, 0)) for key in ("ListenOverflows", "SyncookiesSent")}
+    return {"ListenOverflows": 0, "SyncookiesSent": 0}
+
+
+def counters_since(before):
+    now = tcp_counters()
+    return {key: now[key] - before[key] for key in now}
+
+
+def drive(tools, workload, peer, scale):
+    """Run smtp-source once against `peer`; return a result dict."""
+    messages = max(workload["sessions"], int(workload["messages"] * scale))
+    command = [tools["smtp-source"], "-s", str(workload["sessions"]), "-m", str(messages),
+               "-l", str(workload["size"]), "-M", "client.test", "-f", SENDER,
+               "-t", RECIPIENT]
+    if workload["recipients"] > 1:
+        command += ["-r", str(workload["recipients"])]
+    if workload["keep"]:
+        command.append("-d")
+    command.append(f"{HOST}:{peer.port}")
+    expected = messages * workload["recipients"]
+    os.sync()                                   # earlier runs' writeback is not ours to pay
+    counters = tcp_counters()
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    _children.append(process)
+    try:
+        output, _ = process.communicate(timeout=WORKLOAD_TIMEOUT)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        stop_process(process, grace=0.5)
+        output, timed_out = b"", True
+    elapsed = time.perf_counter() - started
+    if process in _children:
+        _children.remove(process)
+    kernel = counters_since(counters)
+    result = dict(messages=messages, seconds=elapsed, overflows=kernel["ListenOverflows"],
+                  syncookies=kernel["SyncookiesSent"], rate=None, error=None)
+    if timed_out:
+        result["error"] = f"smtp-source killed after {WORKLOAD_TIMEOUT}s"
+    elif process.returncode != 0:
+        result["error"] = (f"smtp-source exited {process.returncode}: "
+                           + output.decode(errors="replace").strip()[-300:])
+    elif peer.maildir is not None:
+        stored = peer.stored_files()
+        result["stored"] = stored
+        if stored != expected:
+            result["error"] = f"{stored} files in the Maildirs, expected {expected}"
+    if result["error"] is None:
+        result["rate"] = messages / elapsed
+    return result
+
+
+def idle_test(peer, levels):
+    """Hold greeted idle connections; RSS per connection; time to a new client's 220."""
+    rows = []
+    held = []
+    with socket.create_connection((HOST, peer.port), timeout=5) as warm:     # warm-up session
+        read_reply(warm, 5)
+        warm.sendall(b"EHLO warm.test\r\n")
+        read_reply(warm, 5)
+        warm.sendall(b"QUIT\r\n")
+        read_reply(warm, 5)
+    time.sleep(0.5)
+    baseline = peer.rss_kib()
+    try:
+        for level in levels:
+            row = dict(connections=level, error=None)
+            try:
+                while len(held) < level:
+                    client = socket.create_connection((HOST, peer.port), timeout=GREETING_TIMEOUT)
+                    held.append(client)
+                    if not read_reply(client, GREETING_TIMEOUT).startswith(b"220"):
+                        raise RuntimeError(f"connection {len(held)} was not greeted with 220")
+            except (OSError, RuntimeError) as error:
+                row["error"] = f"at {len(held)} connections: {error}"
+                rows.append(row)
+                break
+            time.sleep(0.5)
+            rss = peer.rss_kib()
+            row.update(rss_kib=rss, baseline_kib=baseline,
+                       per_connection_kib=(rss - baseline) / level,
+                       new_client_ms=new_client_latencies(peer))
+            rows.append(row)
+    finally:
+        for client in held:
+            client.close()
+    return rows
+
+
+def new_client_latencies(peer, probes=5):
+    """Milliseconds from connect() to a complete 220 for fresh clients (None: not served)."""
+    times = []
+    for _ in range(probes):
+        started = time.perf_counter()
+        try:
+            with socket.create_connection((HOST, peer.port), timeout=5) as client:
+                greeting = read_reply(client, 5)
+                elapsed = (time.perf_counter() - started) * 1000
+                client.sendall(b"QUIT\r\n")
+                read_reply(client, 5)
+            times.append(elapsed if greeting.startswith(b"220") else None)
+        except OSError:
+            times.append(None)
+        time.sleep(0.05)
+    return times
+
+
+def burst_test(peer, count=BURST, deadline_s=30.0):
+    """`count` simultaneous non-blocking connects; how many are greeted, how fast, and how
+    many the kernel dropped from a full listen queue."""
+    counters = tcp_counters()
+    selector = selectors.DefaultSelector()
+    sockets, greeted, refused = [], 0, 0
+    started = time.perf_counter()
+    last_greeting = None
+    try:
+        for _ in range(count):
+            client = socket.socket()
+            client.setblocking(False)
+            sockets.append(client)
+            if client.connect_ex((HOST, peer.port)) not in (0, 115):   # 115: EINPROGRESS
+                refused += 1
+                continue
+            selector.register(client, selectors.EVENT_READ)
+        pending = count - refused
+        while pending and time.perf_counter() - started < deadline_s:
+            for key, _ in selector.select(timeout=0.5):
+                try:
+                    data = key.fileobj.recv(4096)
+                except OSError:
+                    data = b""
+                selector.unregister(key.fileobj)
+                pending -= 1
+                if data.startswith(b"220"):
+                    greeted += 1
+                    last_greeting = time.perf_counter()
+                else:
+                    refused += 1
+    finally:
+        selector.close()
+        for client in sockets:
+            client.close()
+    kernel = counters_since(counters)
+    return dict(connects=count, greeted=greeted, refused=refused,
+                last_greeting_s=(last_greeting - started) if last_greeting else None,
+                overflows=kernel["ListenOverflows"], syncookies=kernel["SyncookiesSent"])
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt_rate(value):
+    return "FAIL" if value is None else f"{value:,.0f}"
+
+
+def fmt_ratio(value):
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def machine_description(work_dir):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    filesystem = "?"
+    try:
+        best = ""
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                device, point, kind = line.split()[:3]
+                if os.path.realpath(work_dir).startswith(point) and len(point) >= len(best):
+                    best, filesystem = point, f"{kind} ({device} on {point})"
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, "
+            f"Python {platform.python_version()}, temporary Maildirs on {filesystem}; "
+            f"smtpd at {source_version()}")
+
+
+def source_version():
+    """The commit of the smtpd under test, and whether its files differ from it."""
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "*.py"],
+                                 capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return "an unknown version (no git)"
+    changed = [line[3:] for line in changed if line.strip() and not line[3:].startswith("bench/")]
+    if not commit:
+        return "an unknown version (not a git checkout)"
+    return f"commit {commit}" + (f" with local changes in {', '.join(changed)}" if changed else "")
+
+
+def build_report(results, args, machine):
+    lines = []
+    say = lines.append
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    say("# smtpd benchmark")
+    say("")
+    say(f"`python bench/run.py{' --quick' if args.quick else ''} --runs {args.runs}` "
+        f"on {now}: {machine}. Load average (1 min) at the start {results['load'][0]:.2f}, "
+        f"at the end {results['load'][1]:.2f}: other work on the machine shows up as noise "
+        "between runs.")
+    say("")
+    say("smtpd fsyncs every message (file and directory) before its 250. aiosmtpd stores with "
+        "`mailbox.Maildir` with its fsync turned off (the issue's peer; the targets are ratios "
+        "to it); aiosmtpd-fsync is `mailbox.Maildir` as it ships, which fsyncs each message "
+        "file (not the directory) inside the event loop. smtp-sink stores nothing (the C "
+        "ceiling). Messages/s are medians of the runs; every accepted message was counted on "
+        "disk (a run that lost one is a FAIL, not a rate).")
+    say("")
+    workloads = [w for w in WORKLOADS if w["key"] in results["workloads"]]
+    checks = []
+    if workloads:
+        say("## Throughput (messages/s, median of %d runs)" % args.runs)
+        say("")
+        say("| workload | smtpd | aiosmtpd | aiosmtpd-fsync | smtp-sink | smtpd / aiosmtpd "
+            "| smtpd / aiosmtpd-fsync | smtpd / smtp-sink | target (/ aiosmtpd) | met |")
+        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+        for workload in workloads:
+            runs = results["workloads"][workload["key"]]
+            rates = {peer: median([r["rate"] for r in runs.get(peer, [])]) for peer in PEERS}
+            failed = any(r["error"] for r in runs.get("smtpd", []) + runs.get("aiosmtpd", []))
+            ratios = {peer: rates["smtpd"] / rates[peer] if rates["smtpd"] and rates[peer]
+                      else None for peer in PEERS[1:]}
+            met = ratios["aiosmtpd"] is not None and ratios["aiosmtpd"] >= workload["target"] \
+                and not failed
+            target = f"≥ {workload['target']}×"
+            if workload["key"] == "s200":
+                overflow = sum(r["overflows"] for r in runs.get("smtpd", []))
+                met = met and overflow == 0
+                target += ", 0 overflows"
+            checks.append((f"{workload['title']}: >= {workload['target']}× aiosmtpd "
+                           f"({fmt_ratio(ratios['aiosmtpd'])})"
+                           + (f", zero listen overflows ({overflow})"
+                              if workload["key"] == "s200" else ""), met))
+            say(f"| {workload['title']} | "
+                + " | ".join(fmt_rate(rates[peer]) for peer in PEERS) + " | "
+                + " | ".join(fmt_ratio(ratios[peer]) for peer in PEERS[1:])
+                + f" | {target} | {'yes' if met else '**no**'} |")
+        say("")
+        say("Each run (messages/s; listen-queue overflows in brackets when not zero):")
+        say("")
+        say("| workload | messages × recipients | " + " | ".join(PEERS) + " |")
+        say("|---|---:|" + "---|" * len(PEERS))
+        for workload in workloads:
+            runs = results["workloads"][workload["key"]]
+            cells = []
+            for peer in PEERS:
+                parts = []
+                for r in runs.get(peer, []):
+                    text = fmt_rate(r["rate"])
+                    if r["overflows"]:
+                        text += f" [{r['overflows']}]"
+                    parts.append(text)
+                cells.append(", ".join(parts))
+            messages = runs["smtpd"][0]["messages"] if runs.get("smtpd") else "?"
+            say(f"| {workload['title']} | {messages} × {workload['recipients']} | "
+                + " | ".join(cells) + " |")
+        errors = [(w["title"], peer, r["error"]) for w in workloads
+                  for peer in PEERS for r in results["workloads"][w["key"]].get(peer, [])
+                  if r["error"]]
+        if errors:
+            say("")
+            say("Failures:")
+            say("")
+            for title, peer, error in errors:
+                say(f"- {title}, {peer}: {error}")
+        say("")
+    if results.get("idle"):
+        say("## Idle connections (each greeted with 220, then held)")
+        say("")
+        say("| peer | connections | server RSS | RSS per connection | "
+            "new client's 220 (median / max of 5) |")
+        say("|---|---:|---:|---:|---:|")
+        for peer, rows in results["idle"].items():
+            for row in rows:
+                if row["error"]:
+                    say(f"| {peer} | {row['connections']} | FAIL: {row['error']} | | |")
+                    if peer == "smtpd":
+                        checks.append((f"{row['connections']} idle connections held", False))
+                    continue
+                latencies = row["new_client_ms"]
+                served = [t for t in latencies if t is not None]
+                latency = (f"{statistics.median(served):.1f} / {max(served):.1f} ms"
+                           if len(served) == len(latencies) else
+                           f"{len(latencies) - len(served)} of {len(latencies)} not served")
+                say(f"| {peer} | {row['connections']} | {row['rss_kib'] / 1024:.1f} MiB | "
+                    f"{row['per_connection_kib']:.1f} KiB | {latency} |")
+                if peer == "smtpd" and row["connections"] == max(IDLE_LEVELS):
+                    checks.append((f"{row['connections']} idle connections: <= "
+                                   f"{IDLE_RSS_TARGET_KIB} KiB each "
+                                   f"({row['per_connection_kib']:.1f})",
+                                   row["per_connection_kib"] <= IDLE_RSS_TARGET_KIB))
+                    checks.append((f"a new client's 220 within {NEW_CLIENT_TARGET_MS} ms "
+                                   f"while {row['connections']} are held "
+                                   f"(max {max(served) if served else float('nan'):.1f} ms)",
+                                   len(served) == len(latencies)
+                                   and max(served) <= NEW_CLIENT_TARGET_MS))
+        say("")
+        say("RSS per connection = (RSS with the connections held − RSS after one warm-up "
+            "session) / connections.")
+        say("")
+    if results.get("burst"):
+        say(f"## A burst of {BURST} simultaneous connects")
+        say("")
+        say("| peer | greeted | refused or closed | still waiting after 30 s | last 220 after "
+            "| listen overflows | SYN cookies sent |")
+        say("|---|---:|---:|---:|---:|---:|---:|")
+        for peer, row in results["burst"].items():
+            after = "–" if row["last_greeting_s"] is None else f"{row['last_greeting_s']:.2f} s"
+            waiting = row["connects"] - row["greeted"] - row["refused"]
+            say(f"| {peer} | {row['greeted']} | {row['refused']} | {waiting} | {after} | "
+                f"{row['overflows']} | {row['syncookies']} |")
+            if peer == "smtpd":
+                checks.append((f"burst of {BURST} connects: all greeted, zero listen overflows",
+                               row["greeted"] == BURST and row["overflows"] == 0))
+        say("")
+        say("Listen overflows and SYN cookies are the kernel's TcpExt counters (system-wide) "
+            "over the test. A connect dropped on a full queue costs the client a 1 s "
+            "retransmission; one answered with a SYN cookie whose ACK is then dropped leaves a "
+            "client that believes it is connected and waits for a 220 that never comes (SMTP "
+            "servers speak first, so nothing retries it): those are the 'still waiting'.")
+        say("")
+    if checks:
+        say("## Targets (issue 5)")
+        say("")
+        for text, met in checks:
+            say(f"- [{'x' if met else ' '}] {text}")
+        say("")
+    return "\n".join(lines), checks
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = [w for w in WORKLOADS if w["key"] in results["workloads"]]
+    if not workloads:
+        return
+    figure, axes = plt.subplots(figsize=(11, 5.5))
+    width = 0.8 / len(PEERS)
+    colours = {"smtpd": "#1f77b4", "aiosmtpd": "#ff7f0e", "aiosmtpd-fsync": "#ffbb78",
+               "smtp-sink": "#9e9e9e"}
+    for index, peer in enumerate(PEERS):
+        values = [median([r["rate"] for r in results["workloads"][w["key"]].get(peer, [])])
+                  or 0 for w in workloads]
+        positions = [n + (index - (len(PEERS) - 1) / 2) * width for n in range(len(workloads))]
+        bars = axes.bar(positions, values, width, label=peer, color=colours[peer])
+        for bar, value in zip(bars, values):
+            axes.annotate(f"{value:,.0f}", (bar.get_x() + bar.get_width() / 2, value or 1),
+                          ha="center", va="bottom", fontsize=7)
+    axes.set_yscale("log")
+    axes.set_ylabel("messages/s (log scale, median)")
+    axes.set_xticks(range(len(workloads)))
+    axes.set_xticklabels([w["title"].replace(", ", ",\n", 1) for w in workloads], fontsize=8)
+    axes.set_title("smtpd (fsync file + directory) vs aiosmtpd-Maildir (no fsync / stock "
+                   "file fsync) vs smtp-sink (stores nothing)", fontsize=10)
+    axes.legend()
+    axes.grid(axis="y", which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Benchmark smtpd against aiosmtpd and "
+                                     "smtp-sink on 127.0.0.1 (see bench/README.md).")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: a fifth of the messages, fewer idle levels")
+    parser.add_argument("--runs", type=int, default=3, help="runs per workload (default 3)")
+    parser.add_argument("--out", default=os.path.join(BENCH, "results"),
+                        help="where results.md, results.png, results.json go")
+    parser.add_argument("--only", default="",
+                        help="comma-separated subset: " + ",".join(w["key"] for w in WORKLOADS)
+                        + ",idle,burst")
+    args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    selected = set(filter(None, args.only.split(","))) or \
+        {w["key"] for w in WORKLOADS} | {"idle", "burst"}
+    unknown = selected - {w["key"] for w in WORKLOADS} - {"idle", "burst"}
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(sorted(unknown))}")
+
+    tools = check_requirements()
+    raise_file_limit(2 * max(IDLE_LEVELS) + 2 * BURST + 1000)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    atexit.register(kill_all_children)
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="smtpd-bench-")
+    machine = machine_description(work)
+    scale = 0.2 if args.quick else 1.0
+    levels = IDLE_LEVELS[:2] + IDLE_LEVELS[-1:] if args.quick else IDLE_LEVELS
+    results = {"workloads": {}, "idle": {}, "burst": {}, "load": [os.getloadavg()[0], None]}
+    started = time.monotonic()
+    try:
+        for run in range(args.runs):
+            turn = run % len(PEERS)
+            order = PEERS[turn:] + PEERS[:turn]       # no peer always goes first
+            for workload in WORKLOADS:
+                if workload["key"] not in selected:
+                    continue
+                for name in order:
+                    peer = Peer(name, tools, work)
+                    try:
+                        peer.start()
+                        result = drive(tools, workload, peer, scale)
+                    except RuntimeError as error:
+                        result = dict(messages=0, seconds=0, overflows=0, syncookies=0,
+                                      rate=None, error=str(error).splitlines()[0])
+                    finally:
+                        peer.stop()
+                    results["workloads"].setdefault(workload["key"], {}) \
+                        .setdefault(name, []).append(result)
+                    extra = f" [{result['overflows']} listen overflows]" \
+                        if result["overflows"] else ""
+                    print(f"run {run + 1}/{args.runs}  {workload['title']:<36} {name:<14} "
+                          + (f"{result['rate']:8,.0f} msg/s  ({result['messages']} in "
+                             f"{result['seconds']:.2f}s){extra}" if result["rate"] else
+                             f"FAILED: {result['error']}"), flush=True)
+        if "idle" in selected:
+            for name in IDLE_PEERS:
+                peer = Peer(name, tools, work)
+                try:
+                    peer.start()
+                    rows = idle_test(peer, levels)
+                finally:
+                    peer.stop()
+                results["idle"][name] = rows
+                for row in rows:
+                    print(f"idle  {name:<14} {row['connections']:5} connections: " + (
+                        f"{row['per_connection_kib']:.1f} KiB each, new client 220 in "
+                        f"{', '.join('-' if t is None else f'{t:.1f}' for t in row['new_client_ms'])} ms"
+                        if not row["error"] else f"FAILED: {row['error']}"), flush=True)
+        if "burst" in selected:
+            for name in BURST_PEERS:
+                peer = Peer(name, tools, work)
+                try:
+                    peer.start()
+                    row = burst_test(peer)
+                finally:
+                    peer.stop()
+                results["burst"][name] = row
+                print(f"burst {name:<14} {row['greeted']}/{row['connects']} greeted, "
+                      f"{row['overflows']} listen overflows", flush=True)
+    finally:
+        kill_all_children()
+        shutil.rmtree(work, ignore_errors=True)
+
+    results["load"][1] = os.getloadavg()[0]
+    report, checks = build_report(results, args, machine)
+    report += f"\nTotal benchmark time: {time.monotonic() - started:.0f} s.\n"
+    with open(os.path.join(args.out, "results.md"), "w") as report_file:
+        report_file.write(report)
+    with open(os.path.join(args.out, "results.json"), "w") as json_file:
+        json.dump(results, json_file, indent=1)
+    plot(results, os.path.join(args.out, "results.png"))
+    print()
+    print(report)
+    print(f"written: {os.path.join(args.out, 'results.md')}, results.png, results.json")
+    return 0 if all(met for _, met in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
