@@ -22,7 +22,7 @@ DOT_STRING = re.compile(rf"{ATOM}(?:\.{ATOM})*")
 # RFC 5321 4.1.2: qtextSMTP (32-33, 35-91, 93-126) or a quoted pair (backslash, 32-126)
 QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
 # RFC 5321 4.1.2: sub-domain = Let-dig [Ldh-str]
-SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+SUB_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"    # RFC 1035 2.3.4: 63 octets
 DOMAIN = re.compile(rf"{SUB_DOMAIN}(?:\.{SUB_DOMAIN})*")
 # RFC 5321 4.1.2: esmtp-keyword and esmtp-value
 ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")

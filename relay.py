@@ -101,6 +101,8 @@ class Resolver:
             return [domain]
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as error:
             raise DeliveryError(f"451 4.4.3 DNS lookup for {domain} failed: {error}")
+        except dns.exception.DNSException as error:     # a name DNS cannot even ask for
+            raise DeliveryError(f"550 5.1.2 bad domain {domain}: {error}", permanent=True)
         records = sorted(answer, key=lambda record: record.preference)
         if len(records) == 1 and str(records[0].exchange) == ".":
             # RFC 7505 3: a null MX: this domain accepts no mail
@@ -121,8 +123,7 @@ class Resolver:
         for record_type in ("A", "AAAA"):
             try:
                 found += [record.address for record in self.dns.resolve(name, record_type)]
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers,
-                    dns.exception.Timeout):
+            except dns.exception.DNSException:
                 continue
         return found
 
@@ -178,7 +179,8 @@ class SmtpClient:
         while True:
             line = self._line()
             self.log.info("%s <- %s", self.tag, line)
-            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in ("", " ", "-"):
+            code = line[:3]
+            if not (code.isascii() and code.isdigit()) or line[3:4] not in ("", " ", "-"):
                 raise DeliveryError(f"451 4.5.0 protocol error from remote: {line[:80]!r}")
             lines.append(line)
             if line[3:4] != "-":
@@ -450,7 +452,8 @@ def enhanced_status(reply, default):
 
 def _original_headers(data):
     header = data.split(b"\r\n\r\n", 1)[0].replace(b"\r\n..", b"\r\n.")
-    return header.decode("ascii", "replace").replace("\r\n", "\n") + "\n"
+    # 8-bit header bytes are shown escaped: a DSN part must stay ASCII to be sent anywhere
+    return header.decode("ascii", "backslashreplace").replace("\r\n", "\n") + "\n"
 
 
 # ---------------------------------------------------------------------------------------
@@ -552,7 +555,18 @@ class QueueRunner:
                 if self._stopping:
                     return
             if name:
-                self._begin(name)
+                try:
+                    self._begin(name)
+                except Exception:
+                    self.log.error("[%s] cannot start a delivery attempt; trying again later",
+                                   name, exc_info=True)
+                    self._give_back(name)
+
+    def _give_back(self, name):
+        """An attempt that could not run: due again after the first retry delay."""
+        with self._lock:
+            self._active.discard(name)
+        self.enqueue(name, time.time() + self.config.retry[0])
 
     def _pop_due(self):
         """The next due name, or None after waiting a while. Called with the lock held."""
@@ -577,7 +591,11 @@ class QueueRunner:
         try:
             spooled = self.storage.read_spooled(name)
             record = self._read_state(name) or self._new_record(spooled)
-        except (OSError, StorageError) as error:
+        except OSError as error:                # perhaps passing (out of descriptors)
+            self.log.error("[%s] cannot read spool file: %s", name, error)
+            self._give_back(name)
+            return
+        except StorageError as error:           # damaged: left for the admin (--queue)
             self.log.error("[%s] cannot read spool file: %s", name, error)
             self._end(name, None)
             return
@@ -619,9 +637,10 @@ class QueueRunner:
             try:
                 self._deliver(attempt, domain, recipients)
             except Exception:
-                self.log.error("[%s] delivery to %s failed unexpectedly",
+                self.log.error("[%s] delivery to %s failed unexpectedly; trying again later",
                                attempt.spooled.queue_id, domain, exc_info=True)
-                self._job_done(attempt)
+                self._retry_later(attempt, recipients)
+            self._job_done(attempt)
 
     def _deliver(self, attempt, domain, recipients):
         spooled = attempt.spooled
@@ -632,7 +651,20 @@ class QueueRunner:
             if failures:
                 self._bounce(spooled, failures)     # durable before the state says "failed"
             self.storage.write_state(spooled.name, attempt.record)
-        self._job_done(attempt)
+
+    def _retry_later(self, attempt, recipients):
+        """After an unexpected error: whatever is not known to be delivered waits for the
+        first retry delay (a failure whose bounce could not be made is tried again too)."""
+        with attempt.lock:
+            for recipient in recipients:
+                state = attempt.record["recipients"][recipient]
+                if state["status"] != DONE:
+                    state.update(status=PENDING, next_attempt=time.time() + self.config.retry[0])
+            try:
+                self.storage.write_state(attempt.spooled.name, attempt.record)
+            except (OSError, StorageError) as error:
+                self.log.error("[%s] cannot save the queue state: %s",
+                               attempt.spooled.queue_id, error)
 
     def _job_done(self, attempt):
         with attempt.lock:
@@ -672,8 +704,11 @@ class QueueRunner:
         pending = [state["next_attempt"] for state in (record or {}).get("recipients", {}).values()
                    if state["status"] == PENDING]
         if record and not pending:
-            self.storage.remove_spooled(name)
-            self.log.info("[%s] finished; removed from the queue", record["queue_id"])
+            try:
+                self.storage.remove_spooled(name)
+                self.log.info("[%s] finished; removed from the queue", record["queue_id"])
+            except OSError as error:
+                self.log.error("[%s] cannot remove the finished message: %s", name, error)
         with self._lock:
             self._active.discard(name)
             requested = self._due.pop(name, None)      # a flush during the attempt

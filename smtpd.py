@@ -46,9 +46,10 @@ class Connection:
     that sends a partial line and stalls is timed out like an idle one.
     """
 
-    def __init__(self, sock, timeout):
+    def __init__(self, sock, timeout, stopping):
         self.sock = sock
         self.timeout = timeout
+        self.stopping = stopping            # the server's shutdown Event
         self.buffer = b""
         self.pending = []
         self.waiting_for_command = False    # blocked between commands (shutdown may wake it)
@@ -91,8 +92,7 @@ class Connection:
         if remaining <= 0:
             raise TimeoutError
         if self.tls:
-            self.sock.settimeout(remaining)
-            return self.sock.recv(RECEIVE_SIZE)
+            return self._receive_tls(deadline)
         # Usually the deadline is a whole idle timeout away and the option is already right;
         # it changes only while a partial line waits for its end (a slow or stalling client).
         if abs(remaining - self.receive_timeout) > 0.05:
@@ -101,6 +101,21 @@ class Connection:
             return self.sock.recv(RECEIVE_SIZE)
         except BlockingIOError:             # SO_RCVTIMEO expired
             raise TimeoutError from None
+
+    def _receive_tls(self, deadline):
+        """Under TLS the socket cannot be woken from outside (a shutdown would break the TLS
+        layer the 421 must travel through), so an idle wait looks at the server every
+        half second."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            self.sock.settimeout(min(remaining, 0.5))
+            try:
+                return self.sock.recv(RECEIVE_SIZE)
+            except TimeoutError:
+                if self.waiting_for_command and self.stopping.is_set():
+                    return b""
 
     def read_line(self, limit=MAX_COMMAND_LINE):
         """The next line without its line end; None when the client has gone.
@@ -157,6 +172,7 @@ class Connection:
 
 def _timeval(seconds):
     """A struct timeval for SO_RCVTIMEO / SO_SNDTIMEO."""
+    seconds = max(seconds, 0.001)           # zero would mean "wait forever"
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
@@ -206,12 +222,20 @@ class SessionHandler(socketserver.BaseRequestHandler):
     """One client, one thread: greet, then read a command and answer it until QUIT."""
 
     def handle(self):
-        server = self.server
         ip, port = self.client_address[:2]
+        try:
+            self.serve(ip, port)
+        except OSError as error:                # gone before the session began
+            self.server.log.info("%s connection lost: %s", format_peer(ip, port), error)
+        finally:
+            self.server.release(ip)             # the slot admit() gave this client
+
+    def serve(self, ip, port):
+        server = self.server
         session = state.new_session(server.protocol, ip, port)
         log = SessionLog(server.log, session["id"], format_peer(ip, port))
-        connection = Connection(self.request, server.config.timeout)
-        server.sessions[session["id"]] = (session, connection)
+        connection = Connection(self.request, server.config.timeout, server.stopping)
+        server.sessions[id(connection)] = (session, connection)    # unique while it lives
         try:
             self.converse(session, connection, log)
             connection.flush()
@@ -224,8 +248,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         except Exception:
             log.error("session failed", exc_info=True)
         finally:
-            del server.sessions[session["id"]]
-            server.release(ip)
+            server.sessions.pop(id(connection), None)
             log.info("disconnected")
 
     def converse(self, session, connection, log):
@@ -470,30 +493,36 @@ class SMTPServer(socketserver.ThreadingTCPServer):
         return self
 
     def stop(self, grace=None):
-        """Stop accepting; sessions waiting for a command get 421 4.3.2; sessions in DATA
-        may finish (up to `grace` seconds, default the idle timeout)."""
-        if self.submission:
-            self.submission.stop(grace)
-        self.stopping.set()
-        self.shutdown()
-        self.server_close()
-        for session, connection in list(self.sessions.values()):
-            if connection.waiting_for_command:
-                try:
-                    connection.sock.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
+        """Stop accepting (here and on the submission port); sessions waiting for a command
+        get 421 4.3.2; sessions in DATA may finish, up to `grace` seconds in all (default
+        the idle timeout). Then stop the relay and close the log."""
+        listeners = [self] + ([self.submission] if self.submission else [])
+        for listener in listeners:
+            listener.stop_accepting()
         deadline = time.monotonic() + (self.config.timeout if grace is None else grace)
-        while self.sessions and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if self.main:
-            return                  # the main listener stops the relay and the log
+        for listener in listeners:
+            listener.wait_for_sessions(deadline)
         self.relay.stop()
         self.spool_lock.close()
         self.log.info("stopped")
         for handler in list(self.log.handlers):
             handler.close()
             self.log.removeHandler(handler)
+
+    def stop_accepting(self):
+        self.stopping.set()
+        self.shutdown()
+        self.server_close()
+        for session, connection in list(self.sessions.values()):
+            if connection.waiting_for_command and not connection.tls:    # TLS: see _receive_tls
+                try:
+                    connection.sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+    def wait_for_sessions(self, deadline):
+        while self.sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def make_tls_context(config):

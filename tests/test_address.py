@@ -297,3 +297,9 @@ def test_bad_parameters(text):
 ])
 def test_split_path_and_parameters(text, expected):
     assert split_path_and_parameters(text) == expected
+
+
+def test_a_domain_label_over_63_octets_is_refused():
+    parse_path(f"<a@{'b' * 63}.test>")
+    with pytest.raises(AddressError):
+        parse_path(f"<a@{'b' * 64}.test>")

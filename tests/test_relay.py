@@ -410,3 +410,17 @@ def test_relay_trace_shows_the_mx_answer_and_the_next_hops(world, tmp_path):
     assert "MX lookup for remote.test: 10 mx1.remote.test" in log
     assert f"next hops for remote.test, in order: 127.0.0.2:{world.port} (RFC 5321 5.1)" in log
     assert "<bob@remote.test> retried in 1s (RFC 5321 4.5.4.1)" in log
+
+
+def test_a_bounce_for_a_message_with_8bit_headers(world, tmp_path):
+    """Raw UTF-8 in the original headers must not stop the DSN (nor lose the message)."""
+    world.resolve({"remote.test": a_record("127.0.0.2")})
+    world.mx("127.0.0.2", rcpt=["550 5.1.1 no such user"])
+    server = world.server()
+    with smtplib.SMTP(*server.address, timeout=10) as client:
+        client.ehlo("client.example")
+        client.sendmail("alice@test.ru", ["nobody@remote.test"],
+                        "Subject: Привет\r\n\r\nbody\r\n".encode(), mail_options=["BODY=8BITMIME"])
+    fields = delivery_status(dsn_for(tmp_path))
+    assert fields["Status"] == "5.1.1"
+    assert wait_until(lambda: queue_empty(server))

@@ -380,3 +380,15 @@ def test_submission_port_requires_auth_before_mail(tmp_path, start_server):
     with Client(server.address) as client:              # port 25 still takes mail without AUTH
         client.command("EHLO client.example")
         assert client.code("MAIL FROM:<alice@test.ru>") == 250
+
+
+def test_shutdown_sends_421_inside_tls(tmp_path, start_server, certificate):
+    cert, key = certificate
+    server = start_server(make_config(tmp_path, **{"tls.cert": cert, "tls.key": key}))
+    with Client(server.address) as client:
+        client.command("EHLO client.example")
+        assert client.code("STARTTLS") == 220
+        client.sock = client_context().wrap_socket(client.sock)
+        assert client.code("EHLO client.example") == 250
+        server.stop(grace=2)
+        assert client.reply()[1][0].startswith("421 4.3.2")
