@@ -26,10 +26,6 @@ class Reply(NamedTuple):
     def wire(self):
         return "".join(line + "\r\n" for line in self.lines()).encode("ascii", "replace")
 
-    @property
-    def positive(self):
-        return self.code < 400
-
 
 # Connection opening and closing
 GREETING = Reply(220, "", "{hostname} ESMTP smtpd ready", "RFC 5321 4.3.1")

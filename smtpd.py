@@ -380,7 +380,6 @@ class SessionThreads:
 
 
 class SMTPServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 4096       # a burst of connects waits in the kernel, not dropped
 

@@ -157,7 +157,7 @@ RELAY_TRICKS = [
     ("bob%remote.test@test.ru", 550),             # the % hack: an unknown local name
     ('"bob@remote.test"@test.ru', 550),           # a quoted @: an unknown local name
     ("bob@remote.test.", 501),                    # a trailing dot is not a domain
-    ("bob@[192.0.2.1]", 554),                     # an address literal elsewhere
+    ("bob@[127.0.0.9]", 554),                     # an address literal, not ours
 ]
 
 
