@@ -2,6 +2,11 @@
 
 Everything the rest of the code needs from the user arrives here as one frozen `Config`.
 A bad value stops the server with one line naming the key (`ConfigError`), never a traceback.
+
+Paths (as chasquid and nginx do): a relative path in a config file, or a built-in default the
+file does not set, is relative to that file's directory; a relative path given as a flag
+(`--config`, `--maildir`, `--spool`) is relative to the working directory, and so are the
+defaults when there is no config file at all. The Config holds absolute paths only.
 """
 import argparse
 import configparser
@@ -12,21 +17,26 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG_FILE = os.path.join(HERE, "conf", "smtpd.conf")
 
-# The built-in defaults, the same as the shipped conf/smtpd.conf. Every key the server knows
-# is listed here; a key in the file that is not here is an error (a typo should not pass silently).
+# The built-in defaults. Every key the server knows is listed here; a key in the file that is
+# not here is an error (a typo should not pass silently). The shipped conf/smtpd.conf repeats
+# each of them, except that it puts the data directories one level above conf/, at the top of
+# the repository.
 DEFAULTS = {
     "server": {
         "hostname": "mail.test.ru",
         "max_clients": "1000",
         "max_clients_per_ip": "50",
         "timeout": "300",
+        "data_timeout": "600",
+        "session_timeout": "1200",
         "max_message_size": "10485760",
         "max_recipients": "100",
         "max_errors": "10",
+        "max_rejected_recipients": "20",
         "user": "nobody",
     },
     "domains": {"local": "test.ru"},
-    "users": {"file": "conf/users"},
+    "users": {"file": "users"},
     "storage": {"maildir": "mail", "spool": "spool"},
     "relay": {
         "networks": "127.0.0.0/8, ::1/128",
@@ -46,6 +56,9 @@ DEFAULTS = {
     "log": {"dir": "logs", "level": "INFO", "trace": "no"},
 }
 
+# The path keys whose value in the shipped conf/smtpd.conf is "../" + the built-in default.
+SHIPPED_ONE_LEVEL_UP = (("storage", "maildir"), ("storage", "spool"), ("log", "dir"))
+
 
 class ConfigError(Exception):
     """A bad flag or config value; the message is the one line the user sees."""
@@ -58,10 +71,13 @@ class Config:
     hostname: str
     max_clients: int
     max_clients_per_ip: int
-    timeout: float
+    timeout: float              # idle seconds, per line
+    data_timeout: float         # seconds for the whole message text after 354
+    session_timeout: float      # seconds for the whole session
     max_message_size: int
     max_recipients: int
-    max_errors: int
+    max_errors: int             # bad commands (syntax, sequence, unknown verbs) before 421
+    max_rejected_recipients: int    # RCPTs refused with 550/554 before 421
     user: str
     local_domains: tuple
     users_file: str
@@ -76,7 +92,7 @@ class Config:
     relay_workers: int
     connect_timeout: float
     command_timeout: float
-    data_timeout: float
+    relay_data_timeout: float   # [relay] data_timeout: waiting for the reply to the final dot
     relay_tls: str              # yes (opportunistic), no, require
     tls_cert: str
     tls_key: str
@@ -87,7 +103,7 @@ class Config:
     log_dir: str
     log_level: str
     trace: bool
-    config_file: str
+    config_file: str            # the file read (absolute), or "" when there was none
 
 
 def build_parser():
@@ -95,14 +111,20 @@ def build_parser():
         prog="smtpd.py",
         description="A small, readable SMTP server (RFC 5321): local Maildir delivery and relay.",
     )
-    parser.add_argument("ip", nargs="?", default="127.0.0.1",
+    parser.add_argument("ip", nargs="?", default="127.0.0.1", metavar="IP",
                         help="address to listen on (default 127.0.0.1; ::1 for IPv6)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 25)")
-    parser.add_argument("--config", help="config file (default conf/smtpd.conf next to smtpd.py)")
-    parser.add_argument("--domain", action="append",
+    parser.add_argument("--port", type=int, metavar="N", help="port to listen on (default 25)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="config file (default conf/smtpd.conf next to smtpd.py); relative "
+                             "paths in it are relative to its directory")
+    parser.add_argument("--domain", action="append", metavar="D",
                         help="a local domain; repeat for several (replaces [domains] local)")
-    parser.add_argument("--maildir", help="root of the Maildir tree (default: mail)")
-    parser.add_argument("--spool", help="directory of the relay queue (default: spool)")
+    parser.add_argument("--maildir", metavar="DIR",
+                        help="root of the Maildir tree (replaces [storage] maildir; "
+                             "relative to the working directory)")
+    parser.add_argument("--spool", metavar="DIR",
+                        help="directory of the relay queue (replaces [storage] spool; "
+                             "relative to the working directory)")
     parser.add_argument("--trace", action="store_true",
                         help="show state changes and the RFC section behind each reply")
     parser.add_argument("--queue", action="store_true",
@@ -126,27 +148,35 @@ def load(argv):
     args = build_parser().parse_args(argv)
     if args.port is not None and not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: not a port number (0-65535)")
-    config_file = args.config or DEFAULT_CONFIG_FILE
-    sections = read_file(config_file, required=args.config is not None)
+    if args.config is not None:
+        if not args.config or not os.path.exists(args.config):
+            raise ConfigError(f"--config {args.config!r}: no such file")
+        config_file = os.path.abspath(args.config)
+    elif os.path.exists(DEFAULT_CONFIG_FILE):
+        config_file = DEFAULT_CONFIG_FILE
+    else:
+        config_file = ""                        # built-in defaults, relative to the cwd
+    sections = read_file(config_file) if config_file else defaults()
     if args.domain:
         sections["domains"]["local"] = ",".join(args.domain)
     if args.maildir:
-        sections["storage"]["maildir"] = args.maildir
+        sections["storage"]["maildir"] = os.path.abspath(args.maildir)
     if args.spool:
-        sections["storage"]["spool"] = args.spool
+        sections["storage"]["spool"] = os.path.abspath(args.spool)
     if args.trace:
         sections["log"]["trace"] = "yes"
     config = from_sections(sections, ip=args.ip, port=args.port, config_file=config_file)
     return config, args
 
 
-def read_file(path, required=True):
-    """Read an INI file over the defaults; return {section: {key: value}}."""
-    sections = {name: dict(keys) for name, keys in DEFAULTS.items()}
-    if not os.path.exists(path):
-        if required:
-            raise ConfigError(f"--config {path}: no such file")
-        return sections
+def defaults():
+    """A fresh copy of DEFAULTS, {section: {key: value}}."""
+    return {name: dict(keys) for name, keys in DEFAULTS.items()}
+
+
+def read_file(path):
+    """Read an INI file over the defaults; return {section: {key: value}} (paths as written)."""
+    sections = defaults()
     parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
     try:
         with open(path, encoding="utf-8") as config_text:
@@ -165,8 +195,17 @@ def read_file(path, required=True):
 
 
 def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
-    """Check every value and build the Config. Used by load() and by tests."""
-    value = _Reader(sections)
+    """Check every value and build the Config. Used by load() and by tests. A relative path
+    in `sections` is taken relative to the directory of `config_file`, or to the working
+    directory when `config_file` is empty."""
+    if config_file:
+        config_file = os.path.abspath(config_file)
+        # The directory as the kernel sees it, so that "../mail" means what `ls ../mail` there
+        # means even when the directory is reached through a symlink.
+        base = os.path.realpath(os.path.dirname(config_file))
+    else:
+        base = os.getcwd()
+    value = _Reader(sections, base)
     _check_ip(ip)
     return Config(
         ip=ip,
@@ -175,14 +214,17 @@ def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
         max_clients=value.integer("server", "max_clients", minimum=1),
         max_clients_per_ip=value.integer("server", "max_clients_per_ip", minimum=1),
         timeout=value.number("server", "timeout"),
+        data_timeout=value.number("server", "data_timeout"),
+        session_timeout=value.number("server", "session_timeout"),
         max_message_size=value.integer("server", "max_message_size", minimum=1),
         max_recipients=value.integer("server", "max_recipients", minimum=1),
         max_errors=value.integer("server", "max_errors", minimum=1),
+        max_rejected_recipients=value.integer("server", "max_rejected_recipients", minimum=1),
         user=value.text("server", "user"),
         local_domains=value.domains("domains", "local"),
-        users_file=value.text("users", "file"),
-        maildir=value.text("storage", "maildir"),
-        spool=value.text("storage", "spool"),
+        users_file=value.path("users", "file"),
+        maildir=value.path("storage", "maildir"),
+        spool=value.path("storage", "spool"),
         relay_networks=value.networks("relay", "networks"),
         nameservers=value.host_ports("relay", "nameservers", default_port=53),
         routes=value.routes("relay", "routes"),
@@ -192,15 +234,15 @@ def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
         relay_workers=value.integer("relay", "workers", minimum=1),
         connect_timeout=value.number("relay", "connect_timeout"),
         command_timeout=value.number("relay", "command_timeout"),
-        data_timeout=value.number("relay", "data_timeout"),
+        relay_data_timeout=value.number("relay", "data_timeout"),
         relay_tls=value.choice("relay", "tls", ("yes", "no", "require")),
-        tls_cert=value.text("tls", "cert", required=False),
-        tls_key=value.text("tls", "key", required=False),
+        tls_cert=value.path("tls", "cert", required=False),
+        tls_key=value.path("tls", "key", required=False),
         submission_port=value.integer("tls", "submission_port", minimum=0, maximum=65535),
         auth_allow_plaintext=value.boolean("auth", "allow_plaintext"),
         auth_failure_delay=value.number("auth", "failure_delay", minimum=0),
         auth_max_failures=value.integer("auth", "max_failures", minimum=1),
-        log_dir=value.text("log", "dir"),
+        log_dir=value.path("log", "dir"),
         log_level=value.choice("log", "level", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         trace=value.boolean("log", "trace"),
         config_file=config_file,
@@ -217,8 +259,9 @@ def _check_ip(ip):
 class _Reader:
     """Typed access to the raw strings, each failure naming its [section] key."""
 
-    def __init__(self, sections):
+    def __init__(self, sections, base):
         self.sections = sections
+        self.base = base                # what a relative path is relative to
 
     def raw(self, section, key):
         return self.sections[section][key].strip()
@@ -231,6 +274,13 @@ class _Reader:
         if required and not text:
             self.fail(section, key, "must not be empty")
         return text
+
+    def path(self, section, key, required=True):
+        """An absolute path: a relative one is joined to the base directory ("" stays "")."""
+        path = self.text(section, key, required)
+        if not path or os.path.isabs(path):
+            return path
+        return os.path.normpath(os.path.join(self.base, path))
 
     def integer(self, section, key, minimum=None, maximum=None):
         try:
@@ -302,10 +352,12 @@ class _Reader:
 
     def _host_port(self, section, key, item, default_port):
         host, port = item, default_port
-        if item.startswith("["):                        # [::1]:5353
-            host, _, rest = item[1:].partition("]")
+        if item.startswith("["):                        # [::1]:5353, or [::1]
+            host, bracket, rest = item[1:].partition("]")
+            if not bracket or rest and not rest.startswith(":"):
+                self.fail(section, key, f"{item!r} is not host[:port]")
             if rest:
-                port = rest.lstrip(":")
+                port = rest[1:]
         elif item.count(":") == 1:                      # 127.0.0.1:5353, not a bare IPv6
             host, port = item.split(":")
         try:
