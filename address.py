@@ -4,8 +4,9 @@
     Mailbox     = Local-part "@" ( Domain / address-literal )
     Local-part  = Dot-string / Quoted-string
 
-Pure functions over strings: `parse_path` returns a `Path` or raises `AddressError` with a
-short reason that the reply quotes.
+Pure functions over strings: `parse_path` returns an `Address` or raises `AddressError` with
+a short reason that the reply quotes. An `Address` is the one type for a mailbox everywhere in
+the server: the envelope, the routing decision, the spool and the relay.
 """
 import ipaddress
 import re
@@ -33,24 +34,39 @@ class AddressError(ValueError):
     """The path is not RFC 5321 syntax; the message says why, in a few words."""
 
 
-class Path(NamedTuple):
+class Address(NamedTuple):
     local_part: str     # as written, quotes removed ("a b"@x has local part `a b`)
     domain: str         # lower-cased; an address literal keeps its brackets: [127.0.0.1]
 
     @property
-    def address(self):
+    def text(self):
+        """The mailbox as RFC 5321 writes it, without angle brackets; "" for <>."""
+        if self.is_null:
+            return ""
         return f"{quote_local_part(self.local_part)}@{self.domain}"
+
+    def __str__(self):
+        return self.text
+
+    @property
+    def is_null(self):
+        return self.local_part == "" and self.domain == ""
 
     @property
     def is_literal(self):
         return self.domain.startswith("[")
 
+    @classmethod
+    def parse(cls, text):
+        """`local@domain` without brackets (a users or config file); raises AddressError."""
+        return parse_mailbox(text)
 
-NULL_PATH = Path("", "")        # the reverse path <> (RFC 5321 4.5.5)
+
+NULL_ADDRESS = Address("", "")      # the reverse path <> (RFC 5321 4.5.5)
 
 
 def parse_path(text, allow_null=False, allow_bare_postmaster=False):
-    """Parse `<...>` into a Path. `<>` only where allowed (a reverse path);
+    """Parse `<...>` into an Address. `<>` only where allowed (a reverse path);
     `<Postmaster>` without a domain only where allowed (RCPT, RFC 5321 4.1.1.3)."""
     if len(text) > MAX_PATH:
         raise AddressError(f"path longer than {MAX_PATH} octets")
@@ -59,10 +75,10 @@ def parse_path(text, allow_null=False, allow_bare_postmaster=False):
     inner = text[1:-1]
     if inner == "":
         if allow_null:
-            return NULL_PATH
+            return NULL_ADDRESS
         raise AddressError("empty path")
     if allow_bare_postmaster and inner.lower() == "postmaster":
-        return Path("postmaster", "")
+        return Address("postmaster", "")
     mailbox = _strip_source_route(inner)
     return parse_mailbox(mailbox)
 
@@ -86,7 +102,7 @@ def parse_mailbox(text):
         raise AddressError(f"local part longer than {MAX_LOCAL_PART} octets")
     if len(domain) > MAX_DOMAIN:
         raise AddressError(f"domain longer than {MAX_DOMAIN} octets")
-    return Path(_unquote(local_part), _parse_domain(domain))
+    return Address(_unquote(local_part), _parse_domain(domain))
 
 
 def _split_mailbox(text):

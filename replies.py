@@ -3,7 +3,17 @@
 A reply is a three-digit code (RFC 5321 4.2), an enhanced status code (RFC 3463, RFC 2034)
 and free text. Tests import these same constants, so a changed code changes the tests too.
 """
+import enum
 from typing import NamedTuple
+
+
+class Next(enum.Enum):
+    """What the connection does after sending a reply."""
+    COMMAND = "read the next command"
+    TEXT = "read the message text"              # after 354 (RFC 5321 4.1.1.4)
+    SASL = "read a SASL response"               # after 334 (RFC 4954 4)
+    TLS = "start the TLS handshake"             # after 220 to STARTTLS (RFC 3207 4)
+    CLOSE = "close the connection"              # after 221, and after every 421 (RFC 5321 3.8)
 
 
 class Reply(NamedTuple):
@@ -11,9 +21,14 @@ class Reply(NamedTuple):
     enhanced: str       # "" where RFC 2034 3 leaves it out: the greeting, HELO/EHLO, 354, 334
     text: str           # several lines are joined with "\n" (a multiline reply, RFC 5321 4.2.1)
     rfc: str = ""       # the section that defines this reply, shown by --trace
+    then: Next = Next.COMMAND
+    delay: float = 0.0  # seconds to wait before sending it (a failed AUTH)
 
     def format(self, **values):
         return self._replace(text=self.text.format(**values))
+
+    def delayed(self, seconds):
+        return self._replace(delay=seconds)
 
     def lines(self):
         """The reply as text lines without CRLF: `250-first`, ..., `250 last` (RFC 5321 4.2.1)."""
@@ -27,22 +42,38 @@ class Reply(NamedTuple):
         return "".join(line + "\r\n" for line in self.lines()).encode("ascii", "replace")
 
 
-# Connection opening and closing
+def quoted(word, limit=40):
+    """A client's word as a reply may quote it: visible ASCII only, cut short."""
+    return "".join(c for c in word if "!" <= c <= "~")[:limit] or "?"
+
+
+# Short names for the `then` column below
+TEXT, SASL, TLS, CLOSE = Next.TEXT, Next.SASL, Next.TLS, Next.CLOSE
+
+# Connection opening and closing. Every 421 closes the connection (RFC 5321 3.8).
 GREETING = Reply(220, "", "{hostname} ESMTP smtpd ready", "RFC 5321 4.3.1")
-CLOSING = Reply(221, "2.0.0", "{hostname} closing connection", "RFC 5321 4.1.1.10")
-TIMEOUT = Reply(421, "4.4.2", "{hostname} idle too long, closing connection", "RFC 5321 4.5.3.2.7")
+CLOSING = Reply(221, "2.0.0", "{hostname} closing connection", "RFC 5321 4.1.1.10", CLOSE)
+TIMEOUT = Reply(421, "4.4.2", "{hostname} idle too long, closing connection",
+                "RFC 5321 4.5.3.2.7", CLOSE)
+DATA_TIMEOUT = Reply(421, "4.4.2", "{hostname} message text too slow, closing connection",
+                     "RFC 5321 4.5.3.2.6", CLOSE)
+SESSION_TIMEOUT = Reply(421, "4.4.2", "{hostname} session too long, closing connection",
+                        "RFC 5321 4.5.3.2", CLOSE)
 TOO_MANY_CLIENTS = Reply(421, "4.7.0", "{hostname} too many connections, try again later",
-                         "RFC 5321 4.3.2")
+                         "RFC 5321 4.3.2", CLOSE)
 TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "{hostname} too many connections from your address",
-                          "RFC 5321 4.3.2")
+                          "RFC 5321 4.3.2", CLOSE)
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "{hostname} too many errors, closing connection",
-                        "RFC 5321 4.3.2")
+                        "RFC 5321 4.3.2", CLOSE)
+TOO_MANY_REJECTED = Reply(421, "4.7.0", "{hostname} too many refused recipients, closing "
+                          "connection", "RFC 5321 4.3.2", CLOSE)
 SHUTTING_DOWN = Reply(421, "4.3.2", "{hostname} shutting down, try again later",
-                      "RFC 5321 3.8")
+                      "RFC 5321 3.8", CLOSE)
 NOT_HTTP = Reply(421, "4.7.0", "{hostname} this is an SMTP server, not a web server",
-                 "RFC 5321 4.3.2")
+                 "RFC 5321 4.3.2", CLOSE)
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error, transaction discarded; try again later",
                     "RFC 5321 4.2.3")
+STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage", "RFC 3463 3.4")
 
 # HELO / EHLO (RFC 5321 4.1.1.1)
 HELO_OK = Reply(250, "", "{hostname} greets {name}", "RFC 5321 4.1.1.1")
@@ -59,7 +90,7 @@ BAD_PARAMETER = Reply(555, "5.5.4", "Parameter not recognised or not implemented
 NO_SUCH_USER = Reply(550, "5.1.1", "<{address}>: no such mailbox here", "RFC 5321 3.6.2")
 RELAY_DENIED = Reply(554, "5.7.1", "<{address}>: relay access denied", "RFC 5321 3.6.2")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients", "RFC 5321 4.5.3.1.8")
-START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>", "RFC 5321 4.1.1.4")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>", "RFC 5321 4.1.1.4", TEXT)
 QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}", "RFC 5321 4.1.1.4")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message exceeds the size limit of {limit} octets",
                         "RFC 1870 6")
@@ -87,21 +118,23 @@ BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands: {verb} not allowed
 SYNTAX = Reply(501, "5.5.4", "Syntax: {syntax}", "RFC 5321 4.1.1")
 
 # STARTTLS (RFC 3207)
-READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS", "RFC 3207 4")
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS", "RFC 3207 4", TLS)
 TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available", "RFC 3207 4")
 ALREADY_TLS = Reply(503, "5.5.1", "Already using TLS", "RFC 3207 4.2")
 
 # AUTH (RFC 4954)
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful", "RFC 4954 6")
-AUTH_CHALLENGE = Reply(334, "", "{challenge}", "RFC 4954 4")
+AUTH_CHALLENGE = Reply(334, "", "{challenge}", "RFC 4954 4", SASL)
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid", "RFC 4954 6")
 AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled", "RFC 4954 4")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode the response (base64)", "RFC 4954 4")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication exchange line is too long",
+                           "RFC 4954 4")
 AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Mechanism not supported: {mechanism}",
                                "RFC 4954 4")
 AUTH_NOT_AVAILABLE = Reply(503, "5.5.1", "AUTH not available here; use STARTTLS first",
                            "RFC 4954 4")
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated", "RFC 4954 4")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required", "RFC 4954 6")
-TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "{hostname} too many failed logins, closing connection",
-                               "RFC 4954 4")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "{hostname} too many failed logins, closing "
+                               "connection", "RFC 4954 4", CLOSE)

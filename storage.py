@@ -1,136 +1,36 @@
-"""The disk: the users file, Maildir delivery, and the spool (the relay's queue).
-
-Every write that the server answers 250 for is durable first (RFC 5321 6.1): written to a
-temporary name, fsynced, renamed or linked into place, and the directory fsynced.
+"""The disk: Maildir folders for local recipients, and the draft that writes a message to
+its files while it arrives.
 
 Maildir (https://cr.yp.to/proto/maildir.html): <maildir>/<domain>/<user>/{tmp,new,cur}/.
-A message for several local users is written once and hard-linked into each `new/`.
+A message file is written in tmp/, fsynced, and renamed into new/; a message for several
+local users is written once and hard-linked into each new/. Files have LF line ends, as
+qmail, Postfix and Dovecot write them (the wire and the spool keep CRLF).
 
-Spool: one file per accepted transaction with remote recipients, `<spool>/<port>-<id>.smtp`,
-holding the transaction as the SMTP commands the relay replays (see README, "The spool").
-Beside it the relay keeps `<port>-<id>.state`, each recipient's delivery state as JSON.
+Every write that the server answers 250 for is durable first (RFC 5321 6.1; durable.py).
 """
-import fcntl
 import itertools
-import json
 import os
 import socket
-import threading
 import time
-from typing import NamedTuple
 
-import passwords
+import durable
+import spool as spool_format
 
-# Maildir names count deliveries per process, whatever Storage object makes them
+# Maildir names count deliveries per process, whatever Draft makes them
 _DELIVERIES = itertools.count(1)
-_PID = os.getpid()
-
-SPOOL_SUFFIX = ".smtp"
-STATE_SUFFIX = ".state"
+STALE_AFTER = 86400             # the Maildir rule: a file in tmp/ this old is a leftover
 
 
 class StorageError(Exception):
-    """A name that must not reach the disk, or a file that is not what it should be."""
+    """A message that could not be stored. `full`: the disk (or quota) is full."""
 
+    def __init__(self, problem, full=False):
+        super().__init__(problem)
+        self.full = full
 
-# ---------------------------------------------------------------------------------------
-# Users
-
-
-UNUSABLE_HASH = passwords.hash_password(os.urandom(16).hex())
-
-
-class Users:
-    """The mailboxes in the users file, re-read when the file changes.
-
-    A line is `name` (a mailbox in every local domain) or `name@domain` (in that domain
-    only), optionally followed by `:password-hash`. `#` starts a comment.
-    """
-
-    def __init__(self, path):
-        self.path = path
-        self._lock = threading.Lock()
-        self._mtime = None
-        self._entries = {}
-        self._checked = 0.0
-        self.reload()
-
-    def reload(self):
-        entries, mtime = read_users_file(self.path)
-        with self._lock:
-            self._entries, self._mtime = entries, mtime
-
-    def _refresh(self):
-        now = time.monotonic()
-        if now - self._checked < 1.0:       # look at the file at most once a second
-            return
-        self._checked = now
-        try:
-            mtime = os.stat(self.path).st_mtime_ns
-        except OSError:
-            return
-        if mtime != self._mtime:
-            try:
-                self.reload()
-            except StorageError:
-                pass                        # keep the last good list while the file is edited
-
-    def has_mailbox(self, local_part, domain):
-        self._refresh()
-        local_part, domain = local_part.lower(), domain.lower()
-        return f"{local_part}@{domain}" in self._entries or local_part in self._entries
-
-    def password_hash(self, login):
-        """The stored hash for `name@domain` or `name`, or None."""
-        self._refresh()
-        return self._entries.get(login.lower())
-
-    def check_password(self, login, password):
-        """AUTH: `login` is `name@domain` (or a bare `name` entry's `name`)."""
-        login = login.lower()
-        stored = self.password_hash(login)
-        if stored is None and "@" in login:
-            stored = self.password_hash(login.partition("@")[0])
-        # an unknown login costs a hash too, so timing does not tell which logins exist
-        matches = passwords.verify_password(stored or UNUSABLE_HASH, password)
-        return matches and stored is not None
-
-
-def read_users_file(path):
-    """{name or name@domain: hash or None}, and the file's mtime."""
-    entries = {}
-    try:
-        with open(path, encoding="utf-8") as users_file:
-            mtime = os.fstat(users_file.fileno()).st_mtime_ns
-            lines = users_file.read().splitlines()
-    except FileNotFoundError:
-        raise StorageError(f"users file {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise StorageError(f"users file {path}: {error}") from None
-    for number, line in enumerate(lines, 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        name, _, password_hash = line.partition(":")
-        name = name.strip().lower()
-        local_part, _, domain = name.partition("@")
-        if not is_safe_name(local_part) or (domain and not is_safe_name(domain)):
-            raise StorageError(f"users file {path} line {number}: bad mailbox name {name!r}")
-        entries[name] = password_hash.strip() or None
-    return entries, mtime
-
-
-def add_user(path, login, password_hash):
-    """Add or replace `login:hash` in the users file, atomically."""
-    try:
-        with open(path, encoding="utf-8") as users_file:
-            lines = users_file.read().splitlines()
-    except FileNotFoundError:
-        lines = []
-    kept = [line for line in lines
-            if line.split("#", 1)[0].partition(":")[0].strip().lower() != login.lower()]
-    kept.append(f"{login.lower()}:{password_hash}")
-    _write_durably(path, ("\n".join(kept) + "\n").encode("utf-8"), replace=True)
+    @classmethod
+    def from_os_error(cls, error, what):
+        return cls(f"{what}: {error.strerror or error}", full=error.errno in durable.FULL)
 
 
 def is_safe_name(name):
@@ -140,294 +40,243 @@ def is_safe_name(name):
             and all(" " < c < "\x7f" for c in name))
 
 
-# ---------------------------------------------------------------------------------------
-# Durable writes
+class Maildir:
+    """The tree of Maildir folders: <root>/<domain>/<local part>/{tmp,new,cur}."""
 
-
-def _write_durably(path, content, replace=False):
-    """Write `content` to `path` and fsync it. A new file is never half-written under its
-    name: with replace=True it is written beside and renamed over the old one."""
-    target = path
-    if replace:
-        path = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(content)
-        while view:
-            view = view[os.write(descriptor, view):]
-        os.fsync(descriptor)
-    except BaseException:
-        os.close(descriptor)
-        os.unlink(path)
-        raise
-    os.close(descriptor)
-    if replace:
-        _keep_owner_and_mode(target, path)
-        os.replace(path, target)
-        fsync_directory(os.path.dirname(target) or ".")
-
-
-def _keep_owner_and_mode(old, new):
-    """A replaced file (the users file, edited by root with --add-user) stays readable by
-    whoever could read the old one."""
-    try:
-        info = os.stat(old)
-    except FileNotFoundError:
-        return
-    os.chmod(new, info.st_mode & 0o7777)
-    if os.geteuid() == 0:
-        os.chown(new, info.st_uid, info.st_gid)
-
-
-def fsync_directory(path):
-    """Make a rename or link in `path` durable."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _make_directories(path):
-    """mkdir -p, fsyncing each parent that gains an entry, so the new tree survives a crash."""
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    _make_directories(parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    fsync_directory(parent)
-
-
-# ---------------------------------------------------------------------------------------
-# The store: Maildir for local recipients, the spool for remote ones
-
-
-class Storage:
-    def __init__(self, maildir, spool):
-        self.maildir = maildir
-        self.spool = spool
-        self._made = set()                  # Maildir folders known to exist
+    def __init__(self, root):
+        self.root = root
+        self._known = set()             # folders known to exist (rechecked when one is gone)
         self._host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
-        for directory in (maildir, spool, os.path.join(spool, "tmp")):
-            _make_directories(directory)
 
-    def deliver(self, envelope, message):
-        """Store one accepted message durably: a Maildir copy for each local recipient and one
-        spool file for the remote ones. Returns the spool name, or None if all were local.
-        If anything fails, nothing is left behind under a final name."""
-        staged = self._stage_spool(envelope, message) if envelope["remote"] else None
-        try:
-            if envelope["local"]:
-                self.deliver_local(envelope["local"], envelope["reverse_path"], message)
-        except BaseException:
-            if staged:
-                os.unlink(staged[0])
-            raise
-        if not staged:
-            return None
-        temporary, name = staged
-        os.rename(temporary, self.spool_path(name))
-        fsync_directory(self.spool)
-        return name
+    def prepare(self):
+        """Create the root if it is missing; return the directories created."""
+        return durable.make_directories(self.root)
 
-    # Maildir
-
-    def deliver_local(self, recipients, reverse_path, message):
-        """One durable copy in `new/` of each recipient's Maildir (`user@domain` strings)."""
-        folders = list(dict.fromkeys(self.mailbox_folder(address) for address in recipients))
-        for folder in folders:
-            self._make_maildir(folder)
-        unique = self._unique_name()
-        temporary = os.path.join(folders[0], "tmp", unique)
-        # RFC 5321 4.4: the final delivery adds Return-Path with the reverse path
-        _write_durably(temporary, b"Return-Path: <%s>\r\n" % reverse_path.encode() + message)
-        if len(folders) == 1:               # the common case: one rename, as Maildir intends
-            try:
-                os.rename(temporary, os.path.join(folders[0], "new", unique))
-            except BaseException:
-                os.unlink(temporary)
-                raise
-        else:
-            self._link_into(temporary, folders, unique)
-        for folder in folders:
-            fsync_directory(os.path.join(folder, "new"))
-
-    @staticmethod
-    def _link_into(temporary, folders, unique):
-        """The same file in each folder's new/ (hard links), then the temporary name gone."""
-        linked = []
-        try:
-            for folder in folders:
-                final = os.path.join(folder, "new", unique)
-                os.link(temporary, final)
-                linked.append(final)
-        except BaseException:
-            for final in linked:
-                os.unlink(final)
-            raise
-        finally:
-            os.unlink(temporary)
-
-    def mailbox_folder(self, address):
-        """<maildir>/<domain>/<user>, refusing any name that could leave the tree."""
-        local_part, _, domain = address.lower().rpartition("@")
+    def folder(self, mailbox):
+        """<root>/<domain>/<local part> of an Address, refusing any name that could leave
+        the tree."""
+        local_part, domain = mailbox.local_part.lower(), mailbox.domain.lower()
         if not is_safe_name(local_part) or not is_safe_name(domain):
-            raise StorageError(f"refusing unsafe mailbox name {address!r}")
-        return os.path.join(self.maildir, domain, local_part)
+            raise StorageError(f"refusing unsafe mailbox name {mailbox.text!r}")
+        return os.path.join(self.root, domain, local_part)
 
-    def _make_maildir(self, folder):
-        if folder in self._made:
+    def make(self, folder, again=False):
+        """Make sure tmp/, new/ and cur/ exist; `again` after one of them was found gone."""
+        if folder in self._known and not again:
             return
         for sub in ("tmp", "new", "cur"):
-            _make_directories(os.path.join(folder, sub))
-        self._made.add(folder)
+            durable.make_directories(os.path.join(folder, sub))
+        self._known.add(folder)
 
-    def _unique_name(self):
+    def unique_name(self):
         """time.M<usec>P<pid>Q<n>.host, unique per the Maildir spec."""
         now = time.time()
-        return (f"{int(now)}.M{int(now % 1 * 1e6)}P{_PID}"
+        return (f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}"
                 f"Q{next(_DELIVERIES)}.{self._host}")
 
-    # Spool
+    def remove_stale(self, now=None):
+        """Files older than a day in every tmp/ (what a crash mid-delivery leaves).
+        Returns the paths removed."""
+        cutoff = (now or time.time()) - STALE_AFTER
+        removed = []
+        for tmp in self._tmp_folders():
+            for entry in _entries(tmp):
+                try:
+                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed.append(entry.path)
+                except FileNotFoundError:
+                    continue
+        return removed
 
-    def spool_path(self, name):
-        return os.path.join(self.spool, name + SPOOL_SUFFIX)
+    def _tmp_folders(self):
+        for domain in _entries(self.root):
+            if domain.is_dir(follow_symlinks=False):
+                for user in _entries(domain.path):
+                    if user.is_dir(follow_symlinks=False):
+                        yield os.path.join(user.path, "tmp")
 
-    def state_path(self, name):
-        return os.path.join(self.spool, name + STATE_SUFFIX)
 
-    def _stage_spool(self, envelope, message):
-        name = f"{envelope['client_port']}-{envelope['queue_id']}"
-        temporary = os.path.join(self.spool, "tmp", name + SPOOL_SUFFIX)
-        _write_durably(temporary, spool_text(envelope, message))
-        return temporary, name
+def _entries(path):
+    try:
+        return list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
-    def spooled_names(self):
-        """The names of all spool files, oldest first."""
-        names = []
-        for entry in os.scandir(self.spool):
-            if entry.is_file() and entry.name.endswith(SPOOL_SUFFIX):
-                names.append((entry.stat().st_mtime, entry.name[:-len(SPOOL_SUFFIX)]))
-        return [name for _, name in sorted(names)]
 
-    def read_spooled(self, name):
-        path = self.spool_path(name)
-        with open(path, "rb") as spool_file:
-            content = spool_file.read()
-            created = os.fstat(spool_file.fileno()).st_mtime
-        return parse_spool(name, content, created)
+def _lf(text):
+    return text.replace(b"\r\n", b"\n")
 
-    def read_state(self, name):
+
+def _dot_stuffed(text):
+    """RFC 5321 4.5.2: transparency. Whole lines in, a period added before each leading one."""
+    stuffed = text.replace(b"\r\n.", b"\r\n..")
+    return b"." + stuffed if stuffed.startswith(b".") else stuffed
+
+
+class Draft:
+    """One message being written to its files as it arrives: a Maildir file in the first
+    local recipient's tmp/ and, for remote recipients, a spool file in <spool>/tmp/. Nothing
+    is under a final name until `commit()`; `discard()` leaves nothing behind.
+
+    The text comes in whole lines with CRLF, dot-stuffing undone (text.MessageText). A write
+    that fails (a full disk) is remembered, and the rest of the text is dropped, so that the
+    session can read the text to its end and then answer; `commit()` raises it.
+    """
+
+    def __init__(self, maildir, spool, envelope, prefix=b""):
+        self.maildir = maildir
+        self.spool = spool
+        self.envelope = envelope
+        self.failure = None             # the StorageError of a failed write
+        self.folders = list(dict.fromkeys(maildir.folder(recipient.mailbox)
+                                          for recipient in envelope.local_recipients))
+        self.maildir_name = maildir.unique_name() if self.folders else None
+        self.maildir_file = None
+        self.spool_file = None
         try:
-            with open(self.state_path(name), encoding="utf-8") as state_file:
-                return json.load(state_file)
-        except FileNotFoundError:
-            return None
-        except ValueError as error:
-            raise StorageError(f"{self.state_path(name)}: {error}") from None
+            if self.folders:
+                self.maildir_file = self._open_in_maildir()
+                # RFC 5321 4.4: the final delivery adds Return-Path with the reverse path
+                self._write(self.maildir_file, b"Return-Path: <%s>\n" %
+                            envelope.reverse_path.text.encode() + _lf(prefix))
+            if envelope.remote_recipients:
+                self.spool_file = self._open_in_spool()
+                self._write(self.spool_file, spool_format.command_head(envelope) +
+                            _dot_stuffed(prefix))
+        except OSError as error:
+            self.discard()
+            raise StorageError.from_os_error(error, "opening a message file") from None
+        except BaseException:
+            self.discard()
+            raise
+        if self.failure:
+            self.discard()
+            raise self.failure
 
-    def write_state(self, name, state):
-        content = json.dumps(state, indent=1, sort_keys=True).encode()
-        _write_durably(self.state_path(name), content, replace=True)
+    @property
+    def spool_name(self):
+        return self.envelope.spool_name
 
-    def remove_spooled(self, name):
-        # The spool file first: a crash between the two leaves a stray state file, never
-        # a message without its record of who already has it.
-        for path in (self.spool_path(name), self.state_path(name)):
+    def _open_in_maildir(self):
+        folder = self.folders[0]
+        path = os.path.join(folder, "tmp", self.maildir_name)
+        self.maildir.make(folder)
+        return _create(path, lambda: self.maildir.make(folder, again=True))
+
+    def _open_in_spool(self):
+        path = self.spool.temporary_path(self.spool_name)
+        return _create(path, lambda: durable.make_directories(self.spool.tmp))
+
+    def write(self, text):
+        if self.failure:
+            return
+        if self.maildir_file:
+            self._write(self.maildir_file, _lf(text))
+        if self.spool_file:
+            self._write(self.spool_file, _dot_stuffed(text))
+
+    def _write(self, open_file, content):
+        try:
+            durable.write_all(open_file.descriptor, content)
+        except OSError as error:
+            self.failure = StorageError.from_os_error(error, f"writing {open_file.path}")
+
+    def commit(self):
+        """Make the message durable under its final names (RFC 5321 6.1). Returns the
+        spool name, or None when every recipient was local. Raises StorageError."""
+        try:
+            if self.spool_file and not self.failure:
+                self._write(self.spool_file, spool_format.END_OF_FILE)
+            if self.failure:
+                raise self.failure
+            for open_file in (self.maildir_file, self.spool_file):
+                if open_file:
+                    open_file.sync()
+            if self.maildir_file:
+                self._link_into_new()
+            if self.spool_file:
+                self._rename_into_spool()
+        except OSError as error:
+            self.discard()
+            raise StorageError.from_os_error(error, "storing the message") from None
+        except BaseException:
+            self.discard()
+            raise
+        return self.spool_name if self.spool_file else None
+
+    def _link_into_new(self):
+        """The file in each folder's new/: one rename for one folder, as Maildir intends;
+        hard links for several (all or none), then the temporary name gone."""
+        temporary = self.maildir_file.path
+        finals = [os.path.join(folder, "new", self.maildir_name) for folder in self.folders]
+        if len(finals) == 1:
+            _retry_if_gone(lambda: os.rename(temporary, finals[0]),
+                           lambda: self.maildir.make(self.folders[0], again=True))
+        else:
+            linked = []
             try:
-                os.unlink(path)
+                for folder, final in zip(self.folders, finals):
+                    _retry_if_gone(lambda: os.link(temporary, final),
+                                   lambda: self.maildir.make(folder, again=True))
+                    linked.append(final)
+            except BaseException:
+                for final in linked:
+                    os.unlink(final)
+                raise
+            os.unlink(temporary)
+        self.maildir_file.done = True
+        for final in finals:
+            durable.fsync_directory(os.path.dirname(final))
+
+    def _rename_into_spool(self):
+        os.rename(self.spool_file.path, self.spool.path(self.spool_name))
+        self.spool_file.done = True
+        durable.fsync_directory(self.spool.directory)
+
+    def discard(self):
+        """Close and remove whatever is not yet under its final name."""
+        for open_file in (self.maildir_file, self.spool_file):
+            if open_file:
+                open_file.abandon()
+
+
+class _OpenFile:
+    """A file being written: its descriptor, and whether it reached its final name."""
+
+    def __init__(self, path, descriptor):
+        self.path = path
+        self.descriptor = descriptor
+        self.done = False
+
+    def sync(self):
+        os.fsync(self.descriptor)
+        os.close(self.descriptor)
+        self.descriptor = None
+
+    def abandon(self):
+        if self.descriptor is not None:
+            os.close(self.descriptor)
+            self.descriptor = None
+        if not self.done:
+            self.done = True
+            try:
+                os.unlink(self.path)
             except FileNotFoundError:
                 pass
-        fsync_directory(self.spool)
-
-    def lock_spool(self):
-        """Take the spool's lock (one queue runner per spool). Returns the open lock file,
-        or None with the holder's pid readable by `spool_owner()`."""
-        lock_file = open(os.path.join(self.spool, ".lock"), "a+")
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock_file.close()
-            return None
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(f"{os.getpid()}\n")
-        lock_file.flush()
-        return lock_file
-
-    def spool_owner(self):
-        """The pid of the process holding the spool lock, or None."""
-        try:
-            with open(os.path.join(self.spool, ".lock")) as lock_file:
-                return int(lock_file.read().strip() or 0) or None
-        except (OSError, ValueError):
-            return None
 
 
-class Spooled(NamedTuple):
-    """A spool file read back: what the relay needs to replay the transaction."""
-    name: str
-    helo: str
-    reverse_path: str
-    body_8bit: bool
-    recipients: list
-    data: bytes             # the message, dot-stuffed, ending with CRLF (without ".")
-    created: float          # when it was accepted (the file's mtime)
-
-    @property
-    def queue_id(self):
-        return self.name.partition("-")[2]
-
-    @property
-    def size(self):
-        return len(self.data)
+def _create(path, remake):
+    """Create `path` exclusively; if its directory was removed while the server ran, make it
+    again once (`remake`) and retry."""
+    descriptor = _retry_if_gone(
+        lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), remake)
+    return _OpenFile(path, descriptor)
 
 
-def spool_text(envelope, message):
-    """The transaction as the commands a client would send (RFC 5321 3.3), CRLF-terminated."""
-    body = " BODY=8BITMIME" if _body_parameter(envelope) == "8BITMIME" else ""
-    commands = [f"EHLO {envelope['helo']}", f"MAIL FROM:<{envelope['reverse_path']}>{body}"]
-    commands += [f"RCPT TO:<{address}>" for address in envelope["remote"]]
-    commands.append("DATA")
-    head = "".join(command + "\r\n" for command in commands).encode("ascii")
-    return head + dot_stuff(message) + b".\r\nQUIT\r\n"
-
-
-def _body_parameter(envelope):
-    return (envelope["mail_parameters"].get("BODY") or "").upper()
-
-
-def dot_stuff(message):
-    """RFC 5321 4.5.2: transparency. A line that starts with a period gets one more."""
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    if message.startswith(b"."):
-        message = b"." + message
-    return message.replace(b"\r\n.", b"\r\n..")
-
-
-def parse_spool(name, content, created):
-    """A spool file's bytes -> Spooled; StorageError for anything that is not one whole
-    transaction (a damaged file must not stop the queue runner)."""
-    broken = StorageError(f"spool file {name}: not a complete transaction")
-    head, separator, rest = content.partition(b"\r\nDATA\r\n")
-    if not separator or not rest.endswith(b".\r\nQUIT\r\n"):
-        raise broken
+def _retry_if_gone(operation, remake):
     try:
-        commands = head.decode("ascii").split("\r\n")
-    except UnicodeDecodeError:
-        raise broken from None
-    if len(commands) < 3 or not commands[0].startswith("EHLO "):
-        raise broken
-    mail_line, rcpt_lines = commands[1], commands[2:]
-    if not mail_line.startswith("MAIL FROM:<") or ">" not in mail_line \
-            or not all(line.startswith("RCPT TO:<") and line.endswith(">") for line in rcpt_lines):
-        raise broken
-    reverse_path = mail_line[len("MAIL FROM:<"):mail_line.rindex(">")]
-    recipients = [line[len("RCPT TO:<"):-1] for line in rcpt_lines]
-    return Spooled(name, commands[0][len("EHLO "):], reverse_path,
-                   mail_line.endswith(" BODY=8BITMIME"), recipients,
-                   rest[:-len(b".\r\nQUIT\r\n")], created)
+        return operation()
+    except FileNotFoundError:
+        remake()
+        return operation()

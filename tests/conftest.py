@@ -3,7 +3,6 @@ import os
 import shutil
 import smtplib
 import subprocess
-import time
 
 import pytest
 
@@ -31,6 +30,14 @@ def config_sections(tmp_path, users=("alice", "bob"), **overrides):
     sections["storage"]["spool"] = str(tmp_path / "spool")
     sections["log"]["dir"] = str(tmp_path / "logs")
     sections["server"]["timeout"] = "5"
+    # In-process servers and tools run inside pytest, which must stay root: the privilege
+    # drop is proved by the daemon tier (tests/daemon.py), on a real process.
+    sections["server"]["user"] = "root"
+    sections["server"]["data_timeout"] = "10"
+    sections["server"]["session_timeout"] = "60"
+    # No test reaches the system resolver: unless a test starts its own, DNS is a dead
+    # loopback port (refused at once), so spooled mail just waits in the spool.
+    sections["relay"]["nameservers"] = "127.0.0.1:9"
     sections["relay"]["retry"] = "1"
     sections["relay"]["connect_timeout"] = "2"
     sections["relay"]["command_timeout"] = "5"
@@ -49,17 +56,6 @@ def write_config_file(path, sections):
             config_file.write(f"[{section}]\n")
             config_file.writelines(f"{key} = {value}\n" for key, value in keys.items())
     return str(path)
-
-
-def wait_until(predicate, timeout=15, poll=0.05):
-    """Poll `predicate` (for things only visible on disk) until true or `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(poll)
-    return predicate()
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@
                "broken.test": "SERVFAIL", "slow.test": "TIMEOUT"}
 
 A name in `records` with no record of the asked type answers NOERROR with no answer (what
-makes the implicit MX rule apply); a name not in `records` answers NXDOMAIN.
+makes the implicit MX rule apply); a name not in `records` answers NXDOMAIN. One type can
+fail alone: `("A", "TIMEOUT")` or `("A", "SERVFAIL")` in a name's list.
 """
 import socket
 import threading
@@ -79,7 +80,11 @@ class DNSResponder:
             response.set_rcode(dns.rcode.NXDOMAIN)
         else:
             values = [value for kind, value in entry if kind == rdtype]
-            if values:
+            if "TIMEOUT" in values:
+                return None
+            if "SERVFAIL" in values:
+                response.set_rcode(dns.rcode.SERVFAIL)
+            elif values:
                 rrset = dns.rrset.from_text_list(question.name, 60, dns.rdataclass.IN,
                                                  question.rdtype, values)
                 response.answer.append(rrset)

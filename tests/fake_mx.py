@@ -6,7 +6,16 @@
 hangs up instead of answering);
 `greeting=None` never greets (a hung server). Every finished transaction is kept in
 `messages` as (mail_from, [rcpt_to], data) and signalled through `received`.
+
+Hostile or broken peers (all off by default):
+`ehlo_flood=True` answers EHLO with `250-` lines that never end; `dribble=True` (or a number
+of seconds between bytes, True = 0.1) sends an endless multiline greeting one byte at a time;
+`hang_on_quit=True` never answers QUIT (the transaction before it is complete and counted).
+`mail_reply` is the answer to MAIL; `commands` keeps every command line as it arrived.
+Each session is signalled through `connections` (see `wait_for_sessions`), each QUIT
+received through `quits`; `stop()` ends the endless ones.
 """
+import itertools
 import socket
 import socketserver
 import threading
@@ -18,8 +27,17 @@ class FakeMX(socketserver.ThreadingTCPServer):
 
     def __init__(self, host, port=0, greeting="220 fake.mx ESMTP", ehlo=("250-fake.mx",
                  "250-SIZE 100000000", "250-8BITMIME", "250 PIPELINING"), rcpt=("250 2.1.5 ok",),
-                 data_reply="250 2.0.0 queued"):
+                 data_reply="250 2.0.0 queued", ehlo_flood=False, dribble=None,
+                 hang_on_quit=False, *, mail_reply="250 2.1.0 ok"):
         self.greeting = greeting
+        self.mail_reply = mail_reply
+        self.commands = []          # every command line received, as sent (without CRLF)
+        self.ehlo_flood = ehlo_flood
+        self.dribble = 0.1 if dribble is True else dribble
+        self.hang_on_quit = hang_on_quit
+        self.stopping = threading.Event()
+        self.connections = threading.Semaphore(0)   # released once per session
+        self.quits = threading.Semaphore(0)         # released once per QUIT received
         self.ehlo = ehlo
         self.rcpt_replies = list(rcpt)
         self.data_reply = data_reply
@@ -46,7 +64,16 @@ class FakeMX(socketserver.ThreadingTCPServer):
         """True once `count` more messages have arrived."""
         return all(self.received.acquire(timeout=timeout) for _ in range(count))
 
+    def wait_for_sessions(self, count, timeout=15):
+        """True once `count` more sessions have begun."""
+        return all(self.connections.acquire(timeout=timeout) for _ in range(count))
+
+    def wait_for_quit(self, timeout=15):
+        """True once a client has sent QUIT."""
+        return self.quits.acquire(timeout=timeout)
+
     def stop(self):
+        self.stopping.set()
         self.shutdown()
         self.server_close()
         for sock in self.open_sockets:
@@ -64,6 +91,10 @@ class FakeMXHandler(socketserver.StreamRequestHandler):
         server.open_sockets.append(self.request)
         with server.lock:
             server.sessions += 1
+        server.connections.release()
+        if server.dribble:
+            self.dribble_forever(server.dribble)
+            return
         if server.greeting is None:
             self.request.recv(1)            # hang until the client gives up
             return
@@ -74,14 +105,19 @@ class FakeMXHandler(socketserver.StreamRequestHandler):
             if not line:
                 return
             command = line.decode("utf-8", "replace").rstrip("\r\n")
+            with server.lock:
+                server.commands.append(command)
             verb = command[:4].upper()
+            if verb == "EHLO" and server.ehlo_flood:
+                self.flood_forever()
+                return
             if verb == "EHLO":
                 self.send(*server.ehlo)
             elif verb == "HELO":
                 self.send("250 fake.mx")
             elif verb == "MAIL":
                 mail_from, rcpt_to = command[10:].split(">")[0].lstrip("<"), []
-                self.send("250 2.1.0 ok")
+                self.send(server.mail_reply)
             elif verb == "RCPT":
                 reply = server.next_rcpt_reply()
                 if reply == "CLOSE":                # drop the connection mid-transaction
@@ -102,10 +138,41 @@ class FakeMXHandler(socketserver.StreamRequestHandler):
             elif verb == "STAR":                    # STARTTLS, but no TLS follows
                 self.send("220 2.0.0 go ahead")
             elif verb == "QUIT":
+                server.quits.release()
+                if server.hang_on_quit:             # never answer; wait for the client to go
+                    self.hang()
+                    return
                 self.send("221 2.0.0 bye")
                 return
             else:
                 self.send("250 2.0.0 ok")
+
+    def flood_forever(self):
+        """An EHLO reply that never ends: `250-` lines until the client leaves or stop()."""
+        chunk = b"250-flood flood flood flood flood flood flood flood flood\r\n" * 64
+        while not self.server.stopping.is_set():
+            try:
+                self.request.sendall(chunk)
+            except OSError:
+                return
+
+    def dribble_forever(self, interval):
+        """A greeting that never ends, one byte every `interval` seconds."""
+        for byte in itertools.cycle(b"220-dribble.fake.mx still greeting\r\n"):
+            if self.server.stopping.wait(interval):
+                return
+            try:
+                self.request.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    def hang(self):
+        """Say nothing until the client closes (or the socket timeout, or stop())."""
+        try:
+            while self.request.recv(4096):
+                pass
+        except OSError:
+            pass
 
     def read_data(self):
         lines = []

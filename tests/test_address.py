@@ -1,7 +1,7 @@
 """address.py: paths and ESMTP parameters as RFC 5321 4.1.2 writes them (no network)."""
 import pytest
 
-from address import (MAX_DOMAIN, MAX_LOCAL_PART, MAX_PATH, NULL_PATH, AddressError, Path,
+from address import (MAX_DOMAIN, MAX_LOCAL_PART, MAX_PATH, NULL_ADDRESS, AddressError, Address,
                      parse_mailbox, parse_parameters, parse_path, quote_local_part,
                      split_path_and_parameters)
 
@@ -11,8 +11,8 @@ from address import (MAX_DOMAIN, MAX_LOCAL_PART, MAX_PATH, NULL_PATH, AddressErr
 
 def test_plain_path():
     path = parse_path("<alice@test.ru>")
-    assert path == Path("alice", "test.ru")
-    assert path.address == "alice@test.ru"
+    assert path == Address("alice", "test.ru")
+    assert path.text == "alice@test.ru"
     assert not path.is_literal
 
 
@@ -39,8 +39,8 @@ def test_angle_brackets_required(text):
 
 
 def test_null_path_allowed_as_reverse_path():
-    assert parse_path("<>", allow_null=True) == NULL_PATH
-    assert NULL_PATH.domain == ""
+    assert parse_path("<>", allow_null=True) == NULL_ADDRESS
+    assert NULL_ADDRESS.domain == ""
 
 
 def test_null_path_refused_as_forward_path():
@@ -51,8 +51,8 @@ def test_null_path_refused_as_forward_path():
 
 
 def test_bare_postmaster_only_where_allowed():
-    assert parse_path("<Postmaster>", allow_bare_postmaster=True) == Path("postmaster", "")
-    assert parse_path("<POSTMASTER>", allow_bare_postmaster=True) == Path("postmaster", "")
+    assert parse_path("<Postmaster>", allow_bare_postmaster=True) == Address("postmaster", "")
+    assert parse_path("<POSTMASTER>", allow_bare_postmaster=True) == Address("postmaster", "")
     with pytest.raises(AddressError):
         parse_path("<Postmaster>")
     with pytest.raises(AddressError):
@@ -67,28 +67,28 @@ def test_bare_postmaster_only_where_allowed():
 def test_quoted_local_part_with_space():
     path = parse_path('<"john smith"@example.org>')
     assert path.local_part == "john smith"
-    assert path.address == '"john smith"@example.org'
+    assert path.text == '"john smith"@example.org'
 
 
 def test_quoted_local_part_with_escapes():
     path = parse_path(r'<"a\"b\\c"@example.org>')
     assert path.local_part == 'a"b\\c'
-    assert path.address == r'"a\"b\\c"@example.org'
+    assert path.text == r'"a\"b\\c"@example.org'
 
 
 def test_quoted_local_part_with_at_and_gt():
     path = parse_path('<"a@b>c"@example.org>')
-    assert path == Path("a@b>c", "example.org")
+    assert path == Address("a@b>c", "example.org")
 
 
 def test_quoted_dot_string_is_unquoted_in_address():
     path = parse_path('<"alice"@test.ru>')
     assert path.local_part == "alice"
-    assert path.address == "alice@test.ru"
+    assert path.text == "alice@test.ru"
 
 
 def test_empty_quoted_local_part():
-    assert parse_path('<""@example.org>') == Path("", "example.org")
+    assert parse_path('<""@example.org>') == Address("", "example.org")
 
 
 @pytest.mark.parametrize("text", [
@@ -118,7 +118,7 @@ def test_quote_local_part():
     "<@ONE.example,@two.example:alice@TEST.ru>",
 ])
 def test_source_route_accepted_and_ignored(text):
-    assert parse_path(text) == Path("alice", "test.ru")
+    assert parse_path(text) == Address("alice", "test.ru")
 
 
 @pytest.mark.parametrize("text", [
@@ -140,7 +140,7 @@ def test_ipv4_literal():
     path = parse_path("<alice@[127.0.0.1]>")
     assert path.domain == "[127.0.0.1]"
     assert path.is_literal
-    assert path.address == "alice@[127.0.0.1]"
+    assert path.text == "alice@[127.0.0.1]"
 
 
 @pytest.mark.parametrize("text, domain", [

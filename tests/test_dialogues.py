@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+import explain
 import state
 from tests import dialogues
 from tests.conftest import make_config
@@ -44,15 +45,15 @@ def test_readme_state_diagram_is_generated_from_the_table():
         text = readme.read()
     found = re.search(r"<!-- fsm -->\n```mermaid\n(.*?)```\n", text, re.S)
     assert found, "README.md has no generated state diagram"
-    assert found.group(1).rstrip("\n") == state.draw("mermaid"), \
+    assert found.group(1).rstrip("\n") == explain.draw("mermaid"), \
         "README.md's diagram is out of date: paste python smtpd.py --fsm"
 
 
 def test_the_diagram_has_every_state_and_every_allowed_verb():
-    mermaid, dot = state.draw("mermaid"), state.draw("dot")
+    mermaid, dot = explain.draw("mermaid"), explain.draw("dot")
     for source, rules in state.TRANSITIONS.items():
         for verb in rules:
-            name = state.EDGE_NAMES.get(verb, verb)
+            name = explain.EDGE_NAMES.get(verb, verb)
             edges = [line for line in mermaid.splitlines()
                      if line.strip().startswith(f"{source} -->") and name in line]
             assert edges, f"{source} {verb} missing from the Mermaid diagram"
@@ -63,7 +64,7 @@ def test_the_diagram_has_every_state_and_every_allowed_verb():
 def test_fsm_flag_prints_the_diagram(capsys):
     import smtpd
     assert smtpd.main(["--fsm", "dot"]) == 0
-    assert capsys.readouterr().out.strip() == state.draw("dot")
+    assert capsys.readouterr().out.strip() == explain.draw("dot")
 
 
 def test_help_comes_from_the_table(client):

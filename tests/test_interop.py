@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 import passwords
-from tests.conftest import maildir_messages, make_config, wait_until
+from tests.conftest import maildir_messages, make_config
+from tests.waiting import wait_until
 from tests.fake_mx import FakeMX
 
 pytestmark = pytest.mark.interop
@@ -171,8 +172,10 @@ def received_by_smtpd(field):
 
 def as_sent(stored, sender, hops=0):
     """The message as the client sent it: the stored file after smtpd's Return-Path and
-    Received lines, and after `hops` Received lines added by MTAs before smtpd."""
-    fields, rest = split_trace(stored)
+    Received lines, and after `hops` Received lines added by MTAs before smtpd. The file has
+    LF line ends (CONTRACT: "Where mail lands"); it is compared in the CRLF of the wire."""
+    assert b"\r" not in stored, stored[:300]
+    fields, rest = split_trace(crlf(stored))
     assert len(fields) == 2 + hops, fields
     assert fields[0] == f"Return-Path: <{sender}>\r\n".encode()
     assert received_by_smtpd(fields[1]), fields[1]
@@ -569,7 +572,7 @@ def test_smtpd_relays_to_postfix(postfix, open_dir, start_server):
     assert status["Final-Recipient"] == "rfc822; nobody@remote.test"
     assert status["Status"] == "5.1.1"
     assert "User unknown in virtual mailbox table" in status["Diagnostic-Code"]
-    assert wait_until(lambda: not server.storage.spooled_names(), 10)
+    assert wait_until(lambda: not server.system.spool.names(), 10)
 
 
 def test_postfix_relays_into_smtpd_over_starttls(postfix, open_dir, start_server,
@@ -613,7 +616,7 @@ def test_smtpd_relays_to_postfix_over_starttls(postfix, open_dir, start_server,
     assert "Anonymous TLS connection established from" in downstream.log() or \
         "TLS connection established from" in downstream.log()
     assert "TLS established" in smtpd_log(open_dir)
-    assert wait_until(lambda: not server.storage.spooled_names(), 10)
+    assert wait_until(lambda: not server.system.spool.names(), 10)
 
 
 # --- Dovecot ----------------------------------------------------------------------------
@@ -735,7 +738,8 @@ def test_dovecot_serves_the_maildir(dovecot, open_dir, start_server):
                         maildir_messages(maildir, "alice@test.ru"))
     assert stored, "smtpd did not store both messages"
     by_subject = {b"read me" in message: message for message in stored}
-    stored_first, stored_second = by_subject[True], by_subject[False]
+    # the files have LF line ends; IMAP serves them with CRLF (RFC 3501 2.3.1)
+    stored_first, stored_second = crlf(by_subject[True]), crlf(by_subject[False])
     # smtpd writes as its [server] user; in production Dovecot reads as the same user. Here
     # smtpd runs as root inside pytest, so give the Maildir to `nobody` for Dovecot.
     nobody = pwd.getpwnam("nobody")
@@ -831,7 +835,7 @@ def test_bounce_is_a_valid_multipart_report(tmp_path, start_server):
         stored = one_message(tmp_path / "mail", "alice@test.ru")
     finally:
         mx.stop()
-    assert stored.startswith(b"Return-Path: <>\r\n")          # a bounce has the null sender
+    assert stored.startswith(b"Return-Path: <>\n")            # a bounce has the null sender
     report = email.message_from_bytes(stored, policy=email.policy.default)
     assert report["From"].addresses[0].addr_spec == f"MAILER-DAEMON@{HOSTNAME}"
     assert report["To"].addresses[0].addr_spec == "alice@test.ru"

@@ -1,5 +1,26 @@
-"""A raw SMTP client for tests: send exact bytes, read whole replies (RFC 5321 4.2.1)."""
+"""A raw SMTP client for tests and benchmarks: send exact bytes, read whole replies
+(RFC 5321 4.2.1). The one reply parser the tests and bench/ use."""
 import socket
+
+
+def is_last_line(line):
+    """RFC 5321 4.2.1: `250-` goes on, `250 ` (or a bare code) ends the reply."""
+    return len(line) < 4 or line[3:4] != b"-"
+
+
+def read_reply(sock, timeout):
+    """One whole reply straight off a socket, as bytes (b"" if the peer closed). For callers
+    that send one command and wait for its answer, so nothing after the reply is lost."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+        lines = data.split(b"\r\n")
+        if len(lines) > 1 and any(is_last_line(line) for line in lines[:-1]):
+            return data
 
 
 class Client:
@@ -45,7 +66,7 @@ class Client:
             if not line:
                 return None, lines
             lines.append(line.decode("ascii", "replace"))
-            if len(line) < 4 or line[3:4] != b"-":
+            if is_last_line(line):
                 return int(line[:3]), lines
 
     def command(self, text):

@@ -1,0 +1,79 @@
+"""The command-line tools that work on a server's files: --queue, --flush and --add-user.
+
+They never create the data directories (a listing run from the wrong place shows an empty
+queue, and leaves no empty mail/ spool/ logs/ behind), and --flush, when it delivers the
+queue itself, does it as `[server] user`, so that the files it writes are the server's.
+"""
+import getpass
+import os
+import signal
+import sys
+
+import daemon
+import passwords
+import queuerunner
+from log import Log
+from mailsystem import MailSystem
+from spool import Spool
+from storage import StorageError
+from users import UsersFileError, add_user as add_user_to_file
+
+
+def show_queue(config):
+    """python smtpd.py --queue: the queue, like Postfix's mailq."""
+    print("\n".join(queuerunner.queue_listing(Spool(config.spool))))
+    return 0
+
+
+def flush_queue(config):
+    """python smtpd.py --flush: ask the running server to deliver the queue now, or, when
+    no server holds the spool, make one delivery attempt for every message here."""
+    spool = Spool(config.spool)
+    if not os.path.isdir(spool.directory):
+        print("Mail queue is empty")
+        return 0
+    owner = spool.owner()
+    lock = spool.lock()
+    if lock is None:
+        os.kill(owner or spool.owner(), signal.SIGUSR1)
+        print(f"smtpd: asked the running server (pid {owner or spool.owner()}) "
+              "to deliver the queue now")
+        return 0
+    lock.close()                            # MailSystem.start takes it again
+    log = Log(config.log_level)
+    daemon.drop_privileges(config, log)
+    system = MailSystem(config, log).start()
+    try:
+        system.queue.wait_for_one_pass(system.queue.flush())
+    finally:
+        system.stop()
+    print("\n".join(queuerunner.queue_listing(spool)))
+    return 0
+
+
+def add_user(config, login):
+    """python smtpd.py --add-user alice@test.ru: ask for a password, store its scrypt hash."""
+    local_part, _, domain = login.lower().partition("@")
+    if not domain or domain not in config.local_domains:
+        return fail(f"smtpd: --add-user {login}: give name@domain with a local domain "
+                    f"({', '.join(config.local_domains)})")
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"Password for {login}: ")
+        if getpass.getpass("Again: ") != password:
+            return fail("smtpd: --add-user: the passwords differ")
+    else:                                   # a script: the password is the first line
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        return fail("smtpd: --add-user: empty password")
+    try:
+        add_user_to_file(config.users_file, f"{local_part}@{domain}",
+                         passwords.hash_password(password))
+    except (OSError, UsersFileError, StorageError) as error:
+        return fail(f"smtpd: --add-user: {error}")
+    print(f"smtpd: {local_part}@{domain} added to {config.users_file}")
+    return 0
+
+
+def fail(line):
+    print(line, file=sys.stderr)
+    return 2

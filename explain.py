@@ -1,0 +1,77 @@
+"""The protocol in words and pictures, all read from the table in state.py: the state
+diagram (`python smtpd.py --fsm`) and the --trace lines beside the dialogue.
+"""
+import replies
+from state import AUTH_RESPONSE, CLOSED, END_OF_DATA, START, STAY, TRANSITIONS
+
+# The reply each cell gives when it goes well (2xx) or asks for more (3xx), for --fsm
+SUCCESS_REPLIES = {
+    "HELO": replies.HELO_OK, "EHLO": replies.EHLO_OK, "MAIL": replies.SENDER_OK,
+    "RCPT": replies.RECIPIENT_OK, "RSET": replies.RESET_OK, "NOOP": replies.OK,
+    "VRFY": replies.CANNOT_VRFY, "HELP": replies.HELP, "QUIT": replies.CLOSING,
+    "STARTTLS": replies.READY_FOR_TLS, "AUTH": replies.AUTH_OK, END_OF_DATA: replies.QUEUED,
+    AUTH_RESPONSE: replies.AUTH_OK, "EXPN": replies.NO_EXPN,
+}
+WAITING_REPLIES = {"DATA": replies.START_DATA, "AUTH": replies.AUTH_CHALLENGE,
+                   AUTH_RESPONSE: replies.AUTH_CHALLENGE}
+# Mermaid and Graphviz labels cannot hold "<"; the pseudo-verbs get plain names
+EDGE_NAMES = {END_OF_DATA: "CRLF.CRLF", AUTH_RESPONSE: "SASL response"}
+
+
+def edges():
+    """The table as a list of (from, to, label), verbs with the same move and reply merged:
+    every allowed verb, and where each kind of reply takes the session."""
+    merged = {}
+    for state, rules in TRANSITIONS.items():
+        for verb, rule in rules.items():
+            for code, target in _moves(verb, rule):
+                key = (state, target or state, code)
+                merged.setdefault(key, []).append(EDGE_NAMES.get(verb, verb))
+    return [(source, target, f"{', '.join(verbs)} / {code}")
+            for (source, target, code), verbs in merged.items()]
+
+
+def _moves(verb, rule):
+    if verb in SUCCESS_REPLIES:
+        yield str(SUCCESS_REPLIES[verb].code), rule.success
+    if verb in WAITING_REPLIES:
+        yield str(WAITING_REPLIES[verb].code), rule.waiting
+    if rule.failure is not STAY:
+        yield "4xx/5xx", rule.failure
+
+
+def draw(kind="mermaid"):
+    """The state machine as Mermaid (README) or Graphviz dot (`python smtpd.py --fsm dot`)."""
+    if kind == "dot":
+        lines = ["digraph smtp {", "    rankdir=LR;", '    connect [shape=point];',
+                 f'    connect -> {START} [label="connect / {replies.GREETING.code}"];']
+        lines += [f'    {source} -> {target} [label="{label}"];'
+                  for source, target, label in edges()]
+        return "\n".join(lines + ["}"])
+    lines = ["stateDiagram-v2", f"    [*] --> {START} : connect / {replies.GREETING.code}"]
+    lines += [f"    {source} --> {target} : {label}"
+              for source, target, label in edges()]
+    lines.append(f"    {CLOSED} --> [*]")
+    return "\n".join(lines)
+
+
+
+def framing_notes(text):
+    """What the DATA reader did, in words (RFC 5321 4.1.1.4, 4.5.2)."""
+    if text.oversize:
+        return ["end of data found; the text was over the size limit and was not kept"]
+    return [f"end of data: <CRLF>.<CRLF> after {text.size} octets (RFC 5321 4.1.1.4)",
+            f"dot-stuffing removed from {text.stuffed_lines} line(s) (RFC 5321 4.5.2)"]
+
+
+def describe(session, reply):
+    """One --trace line for a reply: the state change and the rule behind it."""
+    outcome = "accepted" if reply.code < 300 else \
+        "waiting for more" if reply.code < 400 else "refused"
+    transition = session.transition
+    if transition:
+        verb = EDGE_NAMES.get(transition.verb, transition.verb)
+        moves = f"[{transition.old} -> {transition.new}] {verb} {outcome}"
+    else:
+        moves = f"[{session.state}] {outcome}"
+    return f"{moves}: {reply.code} {reply.enhanced} ({reply.rfc})".replace("  ", " ")

@@ -1,0 +1,131 @@
+"""The parts every listener shares, and the one way mail enters the system.
+
+A `MailSystem` owns the users file, the routing decision, the Maildir, the spool and the
+queue runner that delivers it, and the TLS certificate. Listeners (smtpd.py) turn it into a
+protocol `Policy`; the bounce builder and anything else that makes mail call `submit`.
+
+    open_message(envelope, prefix) -> Draft      the text is written as it arrives
+    submit(draft)                                durable in Maildir and spool, queue told
+    submit_message(envelope, message)            the same for a message already in memory
+"""
+import secrets
+import ssl
+
+import queuerunner
+import state
+from config import ConfigError
+from routing import Router
+from spool import Spool
+from storage import Draft, Maildir, StorageError
+from users import Users
+
+
+class MailSystem:
+    def __init__(self, config, log):
+        self.config = config
+        self.log = log
+        self.users = Users(config.users_file)
+        self.router = Router(config.local_domains, self.users.has_mailbox)
+        self.maildir = Maildir(config.maildir)
+        self.spool = Spool(config.spool)
+        self.tls_context = make_tls_context(config)
+        self.queue = None
+        self._spool_lock = None
+
+    def prepare(self):
+        """Create the data directories that are missing; return those it created."""
+        return self.maildir.prepare() + self.spool.prepare()
+
+    def start(self):
+        """Take the spool (one queue runner per spool) and start delivering it."""
+        self._spool_lock = self.spool.lock()
+        if self._spool_lock is None:
+            raise StorageError(f"spool {self.spool.directory} is in use by process "
+                               f"{self.spool.owner()}")
+        self.queue = queuerunner.QueueRunner(self.config, self.spool, self.router,
+                                             self.submit_message, self.log)
+        self.queue.start()
+        return self
+
+    def stop(self):
+        if self.queue:
+            self.queue.stop()
+        if self._spool_lock:
+            self._spool_lock.close()
+            self._spool_lock = None
+
+    def remove_leftovers(self, started):
+        """What a crash left behind: stale Maildir tmp/ files, spool temporaries and state
+        files without their spool file. Each removal is logged."""
+        for path in self.maildir.remove_stale() + self.spool.remove_leftovers(started):
+            self.log.info("removed a leftover of an earlier run: %s", path)
+
+    def policy(self, auth_required=False):
+        """What the protocol needs, for a listener (auth_required: the submission port)."""
+        config = self.config
+        return state.Policy(
+            hostname=config.hostname,
+            router=self.router,
+            open_message=self.open_message,
+            submit=self.submit,
+            relay_networks=config.relay_networks,
+            max_message_size=config.max_message_size,
+            max_recipients=config.max_recipients,
+            max_errors=config.max_errors,
+            max_rejected_recipients=config.max_rejected_recipients,
+            tls_available=self.tls_context is not None,
+            check_password=self.users.check_password,
+            auth_plaintext=config.auth_allow_plaintext,
+            auth_required=auth_required,
+            max_auth_failures=config.auth_max_failures,
+            auth_failure_delay=config.auth_failure_delay,
+        )
+
+    # The one way in
+
+    def open_message(self, envelope, prefix=b""):
+        """A Draft that writes the text to its files as it arrives. Raises StorageError."""
+        try:
+            return Draft(self.maildir, self.spool, envelope, prefix)
+        except StorageError as problem:
+            self.log.error("[%s] cannot store a message: %s", envelope.queue_id, problem)
+            raise
+
+    def submit(self, draft):
+        """Make the message durable (RFC 5321 6.1), then tell the queue about its remote
+        recipients. Raises StorageError, logged here once."""
+        try:
+            spool_name = draft.commit()
+        except StorageError as problem:
+            self.log.error("[%s] cannot store a message: %s", draft.envelope.queue_id,
+                           problem)
+            raise
+        if spool_name and self.queue:
+            self.queue.enqueue(spool_name)
+        return spool_name
+
+    def submit_message(self, envelope, message):
+        """Submit a message that is already whole in memory (a bounce): CRLF line ends, not
+        dot-stuffed. Gives it a queue id if it has none."""
+        envelope.queue_id = envelope.queue_id or secrets.token_hex(8)
+        if not message.endswith(b"\r\n"):
+            message += b"\r\n"
+        draft = self.open_message(envelope)
+        draft.write(message)
+        return self.submit(draft)
+
+
+def make_tls_context(config):
+    """The server side of STARTTLS, or None when no certificate is configured."""
+    if not (config.tls_cert or config.tls_key):
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ConfigError("[tls] cert and key: set both, or neither")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(
+            f"[tls] cert/key {config.tls_cert}, {config.tls_key}: "
+            f"{getattr(error, 'strerror', None) or error}") from None
+    return context

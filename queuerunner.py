@@ -1,0 +1,377 @@
+"""The queue runner: delivers what the spool holds, retries, bounces, and forgets nothing.
+
+The spool is the queue. A `Schedule` says when each message is next due. When one is, its
+due recipients are grouped by domain and each group is one job for a worker thread: one SMTP
+transaction per domain (RFC 5321 4.5.4). Every outcome is applied to the message's
+`DeliveryRecord` and the record saved atomically beside the spool file (spool.write_state)
+at once, so a crash at any moment neither loses a message nor sends it twice to a recipient
+who already answered. When the pass is over, a bounce owed is built and submitted, and the
+message is removed once nothing is pending and no bounce is owed.
+
+A spool file or record that cannot be used is moved to spool/corrupt/ with one log line;
+the rest of the queue goes on.
+"""
+import functools
+import queue
+import threading
+import time
+
+from bounce import Bouncer, Failure
+from delivery import (DEFAULT_POLICY, DeliveryRecord, Outcome, RecordError, RetryPolicy,
+                      Status, describe, duration)
+from relay import Transaction
+from resolver import Resolver
+from schedule import Schedule
+from spool import SPOOL_SUFFIX, STATE_SUFFIX, SpoolError
+from storage import StorageError
+
+LOCAL_ERROR = "451 4.3.0 local error in the relay; trying again later"
+
+
+class Attempt:
+    """One pass over a message: its record, and how many domain jobs are still running."""
+
+    def __init__(self, name, message, record, forced, jobs):
+        self.name = name
+        self.message = message
+        self.record = record
+        self.forced = forced            # a flush: the bounce is due too
+        self.jobs_left = jobs
+        self.unsaved = False            # the record changed but could not be saved
+        self.lock = threading.Lock()
+
+    @property
+    def tag(self):
+        return f"[{self.message.queue_id}]"
+
+    def job_done(self):
+        """Count one job as over; True for the last."""
+        with self.lock:
+            self.jobs_left -= 1
+            return self.jobs_left <= 0
+
+
+class QueueRunner:
+    def __init__(self, config, spool, router, submit, log):
+        self.config = config
+        self.spool = spool
+        self.log = log
+        self.policy = RetryPolicy.from_config(config)
+        self.resolver = Resolver(config, log)
+        self.bouncer = Bouncer(config.hostname, router, submit, log)
+        self.schedule = Schedule()
+        self.jobs = queue.Queue()           # callables; None stops a worker
+        self._records = {}                  # name -> DeliveryRecord, the live copy
+        self._records_lock = threading.Lock()
+        self._threads = []
+        self._stopping = threading.Event()
+
+    # control
+
+    def start(self):
+        """Take up every spool file left behind (setting the damaged ones aside), then run."""
+        now = time.time()
+        for name in self.spool.names():
+            try:
+                _, record = self._load(name)
+            except FileNotFoundError:
+                continue
+            except (SpoolError, RecordError, OSError) as error:
+                self._set_aside(name, error)
+                continue
+            due = record.next_due()             # None: finished; the pass removes it
+            self.schedule.add(name, now if due is None else due)
+        self._spawn(self._schedule_loop, "relay-scheduler")
+        for number in range(self.config.relay_workers):
+            self._spawn(self._work_loop, f"relay-{number + 1}")
+        return self
+
+    def _spawn(self, target, name):
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self, grace=2.0):
+        """Stop taking work; wait up to `grace` seconds for the jobs under way."""
+        self._stopping.set()
+        self.schedule.stop()
+        for _ in range(self.config.relay_workers):
+            self.jobs.put(None)
+        deadline = time.monotonic() + grace
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def enqueue(self, name, due=None):
+        """A new spool file (or one to look at again), due now unless told otherwise."""
+        self.schedule.add(name, time.time() if due is None else due)
+
+    def flush(self):
+        """Make every pending recipient and owed bounce due now (--flush, SIGUSR1).
+        Returns the time of the flush."""
+        names = self.spool.names()
+        flushed_at = time.time()
+        self.schedule.flush(names, flushed_at)
+        self.log.info("queue flushed: %d message(s) due now", len(names))
+        return flushed_at
+
+    def wait_for_one_pass(self, since, timeout=None):
+        """Wait until every message due at `since` has had its attempt. False on timeout."""
+        return self.schedule.wait_until_idle(since, timeout)
+
+    # reading a message and its record
+
+    def _load(self, name):
+        """(SpooledMessage, DeliveryRecord). Raises SpoolError, RecordError or OSError."""
+        message = self.spool.read(name)
+        with self._records_lock:
+            record = self._records.get(name)
+        if record is None:
+            data = self.spool.read_state(name)
+            if data is None:
+                record = DeliveryRecord.new(message, self.policy)
+            else:
+                record = _record_from(data, name, message, self.policy)
+            with self._records_lock:
+                self._records[name] = record
+        return message, record
+
+    def _set_aside(self, name, reason):
+        self._forget(name)
+        try:
+            moved = self.spool.move_to_corrupt(name)
+        except OSError as error:
+            self.log.error("[%s] damaged (%s), and cannot be moved aside: %s", name, reason, error)
+            return
+        self.log.error("[%s] moved to %s: %s (%s)", name, self.spool.corrupt_directory, reason,
+                       ", ".join(moved))
+
+    def _forget(self, name):
+        with self._records_lock:
+            self._records.pop(name, None)
+        self.schedule.forget(name)
+
+    # the scheduler: one pass per due message
+
+    def _schedule_loop(self):
+        while True:
+            name = self.schedule.take()
+            if name is None:
+                return
+            try:
+                self._begin(name)
+            except Exception:
+                self.log.error("[%s] cannot start a delivery attempt; trying again later",
+                               name, exc_info=True)
+                self.schedule.finish(name, time.time() + self.policy.delays[0])
+
+    def _begin(self, name):
+        """Queue one job per domain with due recipients (or only the end of the pass)."""
+        try:
+            message, record = self._load(name)
+        except FileNotFoundError:
+            self.log.info("[%s] the spool file is gone; no longer queued", name)
+            self._forget(name)
+            return
+        except (SpoolError, RecordError) as error:
+            self._set_aside(name, error)
+            return
+        except OSError as error:                # perhaps passing (out of descriptors)
+            self.log.error("[%s] cannot read %s%s: %s; trying again later", name, name,
+                           SPOOL_SUFFIX, error)
+            self.schedule.finish(name, time.time() + self.policy.delays[0])
+            return
+        forced = self.schedule.take_forced(name)
+        groups = self._by_domain(message, record.due(time.time(), forced))
+        attempt = Attempt(name, message, record, forced, len(groups))
+        if not groups:
+            self.jobs.put(functools.partial(self._finish, attempt))
+            return
+        for domain, recipients in groups.items():
+            self.jobs.put(functools.partial(self._deliver, attempt, domain, recipients))
+
+    @staticmethod
+    def _by_domain(message, keys):
+        """{domain: [envelope.Recipient]} of the recipients named by `keys`, each once."""
+        wanted, groups = set(keys), {}
+        for recipient in message.recipients:
+            key = recipient.address.text
+            if key in wanted:
+                wanted.discard(key)
+                groups.setdefault(recipient.address.domain, []).append(recipient)
+        return groups
+
+    # the workers
+
+    def _work_loop(self):
+        while True:
+            job = self.jobs.get()
+            if job is None or self._stopping.is_set():
+                return              # a job left over is taken up again at the next start
+            try:
+                job()
+            except Exception:
+                self.log.error("relay job failed unexpectedly", exc_info=True)
+
+    def _deliver(self, attempt, domain, recipients):
+        reported = set()
+
+        def report(outcomes):
+            reported.update(outcomes)
+            self._record(attempt, outcomes)
+
+        try:
+            Transaction(self.config, self.resolver, self.log, attempt.message, domain,
+                        recipients, report).run()
+        except Exception:
+            self.log.error("%s delivery to %s failed unexpectedly; trying again later",
+                           attempt.tag, domain, exc_info=True)
+            rest = {recipient.address.text: Outcome(Status.PENDING, LOCAL_ERROR)
+                    for recipient in recipients if recipient.address.text not in reported}
+            self._record(attempt, rest)
+        finally:
+            if attempt.job_done():
+                self._finish(attempt)
+
+    def _record(self, attempt, outcomes):
+        """Apply outcomes to the record and save it at once."""
+        now = time.time()
+        with attempt.lock:
+            for key, state, _ in attempt.record.apply(outcomes, now):
+                self._log_change(attempt, key, state, now)
+            self._save(attempt)
+
+    def _log_change(self, attempt, key, state, now):
+        text = "sent" if state.status is Status.DONE else state.last_error
+        self.log.info("%s <%s>: %s: %s", attempt.tag, key, state.status.value, text)
+        if state.status is Status.PENDING and self.config.trace:
+            self.log.info("%s    <%s> retried in %ds (RFC 5321 4.5.4.1)", attempt.tag, key,
+                          state.next_attempt - now)
+        if state.status is Status.FAILED and not attempt.record.bounce_wanted:
+            self.log.info("%s <%s> not bounced: the sender is <> (RFC 5321 4.5.5)",
+                          attempt.tag, key)
+
+    def _save(self, attempt):
+        """Write the record; called with the attempt's lock held. A failure is logged and
+        the write tried again at the end of the pass (the live copy stays right)."""
+        try:
+            self.spool.write_state(attempt.name, attempt.record.to_json())
+            attempt.unsaved = False
+        except OSError as error:
+            attempt.unsaved = True
+            self.log.error("%s cannot save the delivery record: %s", attempt.tag, error)
+
+    # the end of a pass
+
+    def _finish(self, attempt):
+        """End the pass. Whatever goes wrong, the message is due again later: it never stays
+        marked as under way."""
+        try:
+            self._end_pass(attempt)
+        except Exception:
+            self.log.error("%s the end of a delivery attempt failed; trying again later",
+                           attempt.tag, exc_info=True)
+            self.schedule.finish(attempt.name, time.time() + self.policy.delays[0])
+
+    def _end_pass(self, attempt):
+        """Bounce what is owed, then remove the message or schedule its next attempt."""
+        now = time.time()
+        with attempt.lock:
+            record = attempt.record
+            if record.bounce_due(now, attempt.forced):
+                self._bounce(attempt, now)
+            if record.finished:
+                self._remove(attempt)
+                return
+            if attempt.unsaved:
+                self._save(attempt)
+            due = record.next_due()
+        self.schedule.finish(attempt.name, due)
+
+    def _bounce(self, attempt, now):
+        record = attempt.record
+        owed = record.owed()
+        failures = [Failure(key, state.last_error, state.remote, state.last_attempt)
+                    for key, state in owed.items()]
+        addresses = ", ".join(f"<{key}>" for key in owed)
+        try:
+            envelope = self.bouncer.send(attempt.message, failures, now)
+        except Exception as error:
+            delay = record.bounce_failed(f"{type(error).__name__}: {error}", now)
+            self.log.error("%s cannot send the bounce for %s: %s; trying it again in %ds "
+                           "(the recipients are not asked again)", attempt.tag, addresses,
+                           error, delay, exc_info=not isinstance(error, (OSError, StorageError)))
+        else:
+            record.bounce_sent(owed)
+            if envelope is not None:
+                self.log.info("%s bounce %s for %s sent to <%s>", attempt.tag,
+                              envelope.queue_id or "", addresses,
+                              envelope.recipients[0].address.text)
+        self._save(attempt)
+
+    def _remove(self, attempt):
+        try:
+            self.spool.remove(attempt.name)
+        except OSError as error:
+            self.log.error("%s cannot remove the finished message: %s", attempt.tag, error)
+            self.schedule.finish(attempt.name, time.time() + self.policy.delays[0])
+            return
+        self.log.info("%s finished; removed from the queue", attempt.tag)
+        with self._records_lock:
+            self._records.pop(attempt.name, None)
+        self.schedule.finish(attempt.name, None)
+
+
+def _record_from(data, name, message, policy=DEFAULT_POLICY):
+    """DeliveryRecord.from_json, its complaint naming the file."""
+    try:
+        return DeliveryRecord.from_json(data, message, policy)
+    except RecordError as error:
+        raise RecordError(f"state file {name}{STATE_SUFFIX}: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Queue inspection: python smtpd.py --queue
+
+
+def queue_listing(spool, now=None):
+    """Lines describing every queued message, like Postfix's mailq, then what corrupt/ holds."""
+    now = now or time.time()
+    lines, count = [], 0
+    for name in spool.names():
+        entry = _listing_entry(spool, name, now)
+        if entry is None:               # gone meanwhile: the relay finished it
+            continue
+        lines += entry
+        count += 1
+    lines.append(f"-- {count} message(s) in the queue" if count else "Mail queue is empty")
+    corrupt = spool.corrupt()
+    for file_name in corrupt:
+        lines.append(f"{file_name}  corrupt (set aside in {spool.corrupt_directory})")
+    if corrupt:
+        lines.append(f"-- {len(corrupt)} corrupt file(s); the log says what is wrong")
+    return lines
+
+
+def _listing_entry(spool, name, now):
+    try:
+        message = spool.read(name)
+    except FileNotFoundError:
+        return None
+    except (SpoolError, OSError) as error:
+        return [f"{name}{SPOOL_SUFFIX}  damaged: {error}"]
+    lines = [f"{message.queue_id}  age {duration(now - message.created)}  "
+             f"{message.text_size} octets  from <{message.envelope.reverse_path.text}>  "
+             f"({name}{SPOOL_SUFFIX})"]
+    try:
+        data = spool.read_state(name)
+        record = (DeliveryRecord.new(message) if data is None
+                  else _record_from(data, name, message))
+    except (SpoolError, RecordError, OSError) as error:
+        return lines + [f"    damaged record: {error}"]
+    lines += [f"    <{key}>  {describe(state, now)}" for key, state in record.recipients.items()]
+    if record.owed() and record.bounce.attempts:
+        wait = record.bounce.next_attempt - now
+        lines.append(f"    bounce: {record.bounce.attempts} failed attempt(s), next "
+                     f"{'now' if wait <= 0 else 'in ' + duration(wait)}, "
+                     f"last error: {record.bounce.last_error}")
+    return lines

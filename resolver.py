@@ -1,0 +1,192 @@
+"""Next hops for a domain: static routes, address literals, MX records, the implicit MX.
+
+    Resolver(config, log).next_hops("remote.test") -> [Hop("127.0.0.2", 25), ...]
+
+The order is RFC 5321 5.1: MX records by preference, equal preferences in random order, and
+the domain itself when it has no MX records (the implicit MX). A failure raises
+`DeliveryError(reply, permanent)`. Only two answers are permanent: the domain does not exist
+(NXDOMAIN), or it really has no MX and no address; and a null MX (RFC 7505). Everything else
+a DNS server can do (time out, SERVFAIL, refuse, say something we cannot parse) is temporary,
+so the mail waits and is tried again instead of bouncing.
+
+`preload()` imports what dnspython would otherwise import on first use, for a server that
+drops its privileges and may then be unable to read its own Python installation.
+"""
+import encodings.idna  # noqa: F401  (socket.getaddrinfo encodes host names with it)
+import ipaddress
+import random
+import socket
+from typing import NamedTuple
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
+import dns.rrset
+
+# The record types a lookup here can meet: asked for, or met on the way (CNAME chains,
+# the SOA of a negative answer, NS records in the authority section)
+RECORD_TYPES = ("MX", "A", "AAAA", "CNAME", "SOA", "NS")
+ADDRESS_TYPES = ("A", "AAAA")
+
+
+class DeliveryError(Exception):
+    """No delivery now: `reply` says why; permanent=False means try again later."""
+
+    def __init__(self, reply, permanent=False):
+        super().__init__(reply)
+        self.reply = reply
+        self.permanent = permanent
+
+
+class Hop(NamedTuple):
+    """One address to connect to."""
+    ip: str
+    port: int
+
+    def __str__(self):
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+class Resolver:
+    def __init__(self, config, log):
+        self.config = config
+        self.log = log
+        self.dns = _dns_resolver(config.nameservers)
+        self.dns.lifetime = config.connect_timeout
+        self.dns.timeout = config.connect_timeout
+
+    def next_hops(self, domain, tag=""):
+        """[Hop] in the order to try them. Raises DeliveryError."""
+        if domain in self.config.routes:
+            host, port = self.config.routes[domain]
+            self.log.info("%s route for %s: %s:%d", tag, domain, host, port)
+            return [Hop(ip, port) for ip in _route_addresses(host)]
+        if domain.startswith("["):                  # RFC 5321 4.1.3: an address literal
+            literal = domain[1:-1]
+            literal = literal[5:] if literal.lower().startswith("ipv6:") else literal
+            return [Hop(literal, self.config.relay_port)]
+        if not self.dns.nameservers:
+            raise DeliveryError(f"451 4.4.3 no DNS server to ask about {domain} "
+                                "(none in [relay] nameservers or /etc/resolv.conf)")
+        hosts = self.mx_hosts(domain, tag)
+        if hosts is None:                           # RFC 5321 5.1: the implicit MX
+            return self._implicit_mx(domain, tag)
+        return self._mx_addresses(domain, hosts)
+
+    def mx_hosts(self, domain, tag=""):
+        """MX host names in order: by preference, equal ones shuffled (RFC 5321 5.1).
+        None when the domain exists but has no MX records."""
+        try:
+            answer = self.dns.resolve(domain, "MX", search=False)
+        except dns.resolver.NXDOMAIN:
+            raise DeliveryError(f"550 5.1.2 domain {domain} does not exist",
+                                permanent=True) from None
+        except dns.resolver.NoAnswer:
+            return None
+        except dns.exception.DNSException as error:    # timeout, SERVFAIL, no servers...
+            raise DeliveryError(f"451 4.4.3 DNS lookup for {domain} failed: {error}") from None
+        records = sorted(answer, key=lambda record: record.preference)
+        self.log.info("%s MX lookup for %s: %s", tag, domain, ", ".join(
+            f"{record.preference} {_host_name(record.exchange)}" for record in records))
+        # RFC 7505 3: a null MX (exchange ".") means the domain accepts no mail
+        usable = [record for record in records if record.exchange != dns.name.root]
+        if not usable:
+            raise DeliveryError(f"556 5.1.10 {domain} accepts no mail (null MX)",
+                                permanent=True)
+        ordered = []
+        for preference in sorted({record.preference for record in usable}):
+            same = [_host_name(record.exchange) for record in usable
+                    if record.preference == preference]
+            random.shuffle(same)
+            ordered += same
+        return ordered
+
+    def addresses(self, name):
+        """(A and AAAA addresses of `name`, whether a lookup failed temporarily)."""
+        found, failed = [], False
+        for record_type in ADDRESS_TYPES:
+            try:
+                answer = self.dns.resolve(name, record_type, search=False)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue                            # a real answer: none of that type
+            except dns.exception.DNSException:
+                failed = True
+                continue
+            found += [record.address for record in answer]
+        return found, failed
+
+    def _implicit_mx(self, domain, tag):
+        self.log.info("%s MX lookup for %s: none; trying its address (implicit MX)", tag, domain)
+        found, failed = self.addresses(domain)
+        if found:
+            return [Hop(ip, self.config.relay_port) for ip in found]
+        if failed:
+            raise DeliveryError(f"451 4.4.3 DNS lookup for the address of {domain} failed")
+        raise DeliveryError(f"550 5.4.4 {domain} has no MX and no address", permanent=True)
+
+    def _mx_addresses(self, domain, hosts):
+        hops, any_failed = [], False
+        for host in hosts:
+            found, failed = self.addresses(host)
+            any_failed |= failed
+            hops += [Hop(ip, self.config.relay_port) for ip in found]
+        if hops:
+            return hops
+        if any_failed:
+            raise DeliveryError(f"451 4.4.3 DNS lookup for the mail exchangers of {domain} "
+                                "failed")
+        raise DeliveryError(f"451 4.4.4 no address for the mail exchangers of {domain}")
+
+
+def _dns_resolver(nameservers):
+    """A dnspython resolver: the given servers, or the system's (/etc/resolv.conf). With no
+    usable system configuration, one without servers: every lookup is then a temporary
+    failure ("no nameservers"), not a crash at start-up."""
+    if nameservers:
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(host, port)
+                                for host, port in nameservers]
+        return resolver
+    try:
+        return dns.resolver.Resolver(configure=True)
+    except dns.resolver.NoResolverConfiguration:
+        return dns.resolver.Resolver(configure=False)
+
+
+def _host_name(name):
+    return name.to_text().rstrip(".").lower()
+
+
+def _route_addresses(host):
+    """A route's host: an IP address as it is, a name through the system (/etc/hosts too)."""
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        raise DeliveryError(f"451 4.4.3 cannot resolve route host {host}: {error}") from None
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+def preload():
+    """Import now what a lookup would import on first use: the rdata class of each record
+    type (dnspython loads `dns.rdtypes.ANY.MX` and the like lazily, and silently falls back
+    to GenericRdata when it cannot), and whatever building and parsing a message needs."""
+    for record_type in RECORD_TYPES:
+        dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(record_type))
+    samples = {"MX": "10 mx.example.", "A": "192.0.2.1", "AAAA": "2001:db8::1",
+               "CNAME": "other.example.", "NS": "ns.example.",
+               "SOA": "ns.example. admin.example. 1 3600 600 86400 60"}
+    query = dns.message.make_query("example.", "MX", use_edns=True)
+    response = dns.message.make_response(query)
+    for record_type, text in samples.items():
+        response.answer.append(dns.rrset.from_text("example.", 60, "IN", record_type, text))
+    dns.message.from_wire(response.to_wire())
+    dns.message.from_wire(query.to_wire())

@@ -1,0 +1,223 @@
+"""delivery.py: the per-message record, its one `apply`, bounces owed, strict JSON."""
+import copy
+import json
+
+import pytest
+
+from delivery import (Bounce, DeliveryRecord, Outcome, RecordError, RetryPolicy, Status,
+                      describe)
+from tests.queue_world import make_spool, write_spool
+
+POLICY = RetryPolicy((60, 300, 900), 3600)
+NOW = 1_800_000_000.0
+BOB, CAROL = "bob@remote.test", "carol@remote.test"
+
+
+@pytest.fixture
+def spool(tmp_path):
+    return make_spool(tmp_path)
+
+
+@pytest.fixture
+def message(spool):
+    return spool.read(write_spool(spool, [BOB, CAROL], created=NOW))
+
+
+def new_record(message):
+    return DeliveryRecord.new(message, POLICY)
+
+
+def test_a_new_record_has_every_recipient_pending_and_due(message):
+    record = new_record(message)
+    assert list(record.recipients) == [BOB, CAROL]
+    assert record.due(NOW) == [BOB, CAROL]
+    assert record.next_due() == 0.0
+    assert not record.finished
+
+
+def test_retries_follow_the_policy_and_the_last_delay_repeats(message):
+    record = new_record(message)
+    waits = []
+    for attempt in range(5):
+        now = NOW + attempt
+        record.apply({BOB: Outcome(Status.PENDING, "451 4.3.0 busy", "127.0.0.2:25")}, now)
+        waits.append(record.recipients[BOB].next_attempt - now)
+    assert waits == [60, 300, 900, 900, 900]
+    state = record.recipients[BOB]
+    assert (state.attempts, state.last_error, state.remote) == (5, "451 4.3.0 busy",
+                                                                "127.0.0.2:25")
+    assert record.due(NOW + 10) == [CAROL]
+    assert record.due(NOW + 10, forced=True) == [BOB, CAROL]
+
+
+def test_a_final_answer_is_never_changed(message):
+    record = new_record(message)
+    record.apply({BOB: Outcome(Status.DONE, "250 ok"), CAROL: Outcome(Status.FAILED, "550 no")},
+                 NOW)
+    changed = record.apply({BOB: Outcome(Status.FAILED, "550 late"),
+                            CAROL: Outcome(Status.DONE, "250 late")}, NOW + 1)
+    assert changed == []
+    assert record.recipients[BOB].status is Status.DONE
+    assert record.recipients[CAROL].status is Status.FAILED
+    assert record.due(NOW + 1, forced=True) == []
+
+
+def test_a_failure_owes_a_bounce_until_it_is_sent(message):
+    record = new_record(message)
+    record.apply({BOB: Outcome(Status.FAILED, "550 5.1.1 no such user", "127.0.0.2:25")}, NOW)
+    assert list(record.owed()) == [BOB]
+    assert record.bounce_due(NOW)
+    assert not record.finished                      # carol pending
+    record.apply({CAROL: Outcome(Status.DONE, "250 ok")}, NOW)
+    assert not record.finished                      # the bounce is still owed
+    assert record.bounce_failed("OSError: disk full", NOW) == 60
+    assert not record.bounce_due(NOW + 59) and record.bounce_due(NOW + 60)
+    assert record.bounce_due(NOW + 1, forced=True)
+    assert record.next_due() == NOW + 60
+    record.bounce_sent([BOB])
+    assert record.recipients[BOB].bounce is Bounce.SENT
+    assert record.owed() == {} and record.finished and record.next_due() is None
+
+
+def test_a_later_failure_gets_its_own_bounce(message):
+    record = new_record(message)
+    record.apply({BOB: Outcome(Status.FAILED, "550 no")}, NOW)
+    record.bounce_sent(record.owed())
+    record.apply({CAROL: Outcome(Status.FAILED, "554 no")}, NOW + 5)
+    assert list(record.owed()) == [CAROL]
+
+
+def test_no_bounce_for_the_null_sender(spool):
+    record = new_record(spool.read(write_spool(spool, [BOB], sender="")))
+    record.apply({BOB: Outcome(Status.FAILED, "550 no")}, NOW)
+    assert record.recipients[BOB].bounce is Bounce.NONE
+    assert record.finished
+
+
+def test_giving_up_after_max_queue_age(message):
+    record = new_record(message)
+    record.apply({BOB: Outcome(Status.PENDING, "451 4.3.0 busy")}, NOW + 3599)
+    assert record.recipients[BOB].status is Status.PENDING
+    changed = record.apply({BOB: Outcome(Status.PENDING, "451 4.3.0 busy")}, NOW + 3600)
+    assert [(key, gave_up) for key, _, gave_up in changed] == [(BOB, True)]
+    state = record.recipients[BOB]
+    assert state.status is Status.FAILED and state.bounce is Bounce.OWED
+    assert state.last_error.startswith("451 4.3.0 busy (gave up: in the queue since ")
+
+
+def test_a_long_reply_is_kept_short(message):
+    record = new_record(message)
+    record.apply({BOB: Outcome(Status.PENDING, "451 " + "x" * 100000)}, NOW)
+    assert len(record.recipients[BOB].last_error) == 1000
+
+
+def test_json_round_trip(message):
+    record = new_record(message)
+    record.apply({BOB: Outcome(Status.FAILED, "550 no", "127.0.0.2:25")}, NOW)
+    record.bounce_failed("OSError: full", NOW)
+    data = json.loads(json.dumps(record.to_json()))
+    again = DeliveryRecord.from_json(data, message, POLICY)
+    assert again.to_json() == record.to_json()
+    assert again.recipients[BOB].status is Status.FAILED
+    assert again.recipients[BOB].bounce is Bounce.OWED
+    assert again.bounce.attempts == 1
+
+
+def saved(message):
+    record = new_record(message)
+    record.apply({BOB: Outcome(Status.PENDING, "451 busy")}, NOW)
+    return record.to_json()
+
+
+def changed_copy(data, path, value):
+    """A copy of `data` with the field at `path` set to `value` (or removed: ...)."""
+    data = copy.deepcopy(data)
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    if value is ...:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize("path, value, reason", [
+    (("recipients", BOB, "next_attempt"), ..., "'next_attempt' is missing"),
+    (("recipients", BOB, "attempts"), None, "attempts is null"),
+    (("recipients", BOB, "attempts"), "1", "attempts is a string"),
+    (("recipients", BOB, "attempts"), True, "attempts is True"),
+    (("recipients", BOB, "attempts"), -1, "attempts is -1"),
+    (("recipients", BOB, "next_attempt"), float("nan"), "not a time"),
+    (("recipients", BOB, "last_error"), 451, "last_error is 451"),
+    (("recipients", BOB, "status"), "weird", "status is 'weird', not one of"),
+    (("recipients", BOB, "bounce"), "maybe", "bounce is 'maybe'"),
+    (("recipients", BOB, "bounce"), "owed", "bounce 'owed' but status 'pending'"),
+    (("recipients", BOB, "colour"), "blue", "unknown field 'colour'"),
+    (("recipients", BOB), [], "a list, not an object"),
+    (("recipients",), {}, "recipients: none"),
+    (("recipients", "dave@remote.test"), None, "dave@remote.test: null, not an object"),
+    (("bounce",), None, "bounce: null"),
+    (("bounce", "attempts"), ..., "bounce: 'attempts' is missing"),
+    (("created",), "yesterday", "created is a string"),
+    (("queue_id",), "someone-else", "queue_id 'someone-else' is not this message's"),
+    (("version",), 2, "version: 2"),
+    (("extra",), 1, "unknown field 'extra'"),
+])
+def test_a_bad_record_is_refused_with_its_reason(message, path, value, reason):
+    data = changed_copy(saved(message), path, value)
+    with pytest.raises(RecordError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        DeliveryRecord.from_json(data, message, POLICY)
+
+
+def test_a_record_naming_a_stranger_or_missing_a_recipient_is_refused(message):
+    data = saved(message)
+    stranger = changed_copy(data, ("recipients", "dave@remote.test"),
+                            data["recipients"][BOB])
+    with pytest.raises(RecordError, match="names <dave@remote.test>, who is not a recipient"):
+        DeliveryRecord.from_json(stranger, message, POLICY)
+    missing = changed_copy(data, ("recipients", CAROL), ...)
+    with pytest.raises(RecordError, match="lacks <carol@remote.test>, a recipient"):
+        DeliveryRecord.from_json(missing, message, POLICY)
+
+
+@pytest.mark.parametrize("data", [None, [], "text", 3])
+def test_a_record_that_is_not_an_object_is_refused(message, data):
+    with pytest.raises(RecordError, match="not a JSON object"):
+        DeliveryRecord.from_json(data, message, POLICY)
+
+
+def test_the_issue_s_damaged_records_are_refused(message):
+    """The two records of issue 11: a KeyError at start-up, and a message dropped silently."""
+    with pytest.raises(RecordError, match="'attempts' is missing"):
+        DeliveryRecord.from_json({"queue_id": message.queue_id, "created": NOW, "recipients":
+                                  {BOB: {"status": "pending"}, CAROL: {"status": "pending"}}},
+                                 message, POLICY)
+    weird = changed_copy(saved(message), ("recipients", BOB, "status"), "weird")
+    with pytest.raises(RecordError, match="weird"):
+        DeliveryRecord.from_json(weird, message, POLICY)
+
+
+def test_a_record_of_the_earlier_format_is_read(message):
+    """What the relay wrote before the format had a version (a failure was bounced first)."""
+    old = {"queue_id": message.queue_id, "created": NOW, "recipients": {
+        BOB: {"status": "failed", "attempts": 1, "next_attempt": NOW, "last_error": "550 no"},
+        CAROL: {"status": "pending", "attempts": 2, "next_attempt": NOW + 60,
+                "last_error": "451 busy"}}}
+    record = DeliveryRecord.from_json(old, message, POLICY)
+    assert record.recipients[BOB].bounce is Bounce.SENT and record.owed() == {}
+    assert record.recipients[CAROL].attempts == 2
+    assert record.due(NOW + 60) == [CAROL]
+    with pytest.raises(RecordError, match="unknown field 'bounce'"):
+        DeliveryRecord.from_json(changed_copy(old, ("recipients", BOB, "bounce"), "sent"),
+                                 message, POLICY)
+
+
+def test_describe_for_the_listing(message):
+    record = new_record(message)
+    record.apply({BOB: Outcome(Status.PENDING, "451 busy"),
+                  CAROL: Outcome(Status.FAILED, "550 no")}, NOW)
+    assert describe(record.recipients[BOB], NOW) == (
+        "pending, 1 attempt(s), next in 60s, last error: 451 busy")
+    assert describe(record.recipients[CAROL], NOW) == (
+        "failed, 1 attempt(s), last error: 550 no, bounce owed")

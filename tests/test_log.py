@@ -1,0 +1,82 @@
+"""log.py: one line per event, written once; dialogue buffered until the session waits."""
+import io
+import os
+import re
+
+import pytest
+
+from log import Log
+
+LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (.*)")
+
+
+@pytest.fixture
+def logged(tmp_path):
+    console = io.StringIO()
+    log = Log("INFO", console=console, max_bytes=1000, backups=2)
+    log.open_file(str(tmp_path / "smtpd.log"))
+    yield log, console, tmp_path / "smtpd.log"
+    log.close()
+
+
+def lines(text):
+    return [LINE.fullmatch(line).group(1) for line in text.splitlines()]
+
+
+def test_each_line_has_a_timestamp_and_goes_to_both(logged):
+    log, console, path = logged
+    log.info("listening on %s:%d", "127.0.0.1", 25)
+    assert lines(console.getvalue()) == ["listening on 127.0.0.1:25"]
+    assert lines(path.read_text()) == ["listening on 127.0.0.1:25"]
+
+
+def test_dialogue_waits_for_flush_and_keeps_its_order(logged):
+    log, console, path = logged
+    log.dialogue("[a] <- NOOP")
+    log.dialogue("[a] -> 250 2.0.0 Ok")
+    assert console.getvalue() == "" and path.read_text() == ""
+    log.info("an event")                    # written at once, after what was buffered
+    assert lines(path.read_text()) == ["[a] <- NOOP", "[a] -> 250 2.0.0 Ok", "an event"]
+    log.dialogue("[a] <- QUIT")
+    log.flush()
+    assert lines(console.getvalue())[-1] == "[a] <- QUIT"
+
+
+def test_a_traceback_is_indented_under_one_line_in_the_file_only(logged):
+    log, console, path = logged
+    try:
+        raise ValueError("broken")
+    except ValueError:
+        log.error("[%s] session failed", "abc", exc_info=True)
+    assert lines(console.getvalue()) == ["[abc] session failed"]
+    text = path.read_text().splitlines()
+    assert LINE.fullmatch(text[0]).group(1) == "[abc] session failed"
+    assert len(text) > 2 and all(line.startswith("    ") for line in text[1:])
+    assert text[-1] == "    ValueError: broken"
+
+
+def test_levels(tmp_path):
+    console = io.StringIO()
+    log = Log("WARNING", console=console)
+    log.info("not shown")
+    assert not log.enabled()                # the sessions then skip their dialogue lines
+    log.warning("shown")
+    log.flush()
+    assert lines(console.getvalue()) == ["shown"]
+
+
+def test_the_file_is_rotated(logged):
+    log, _console, path = logged
+    for number in range(40):
+        log.info("line %d %s", number, "x" * 40)
+    assert os.path.exists(f"{path}.1") and os.path.exists(f"{path}.2")
+    assert not os.path.exists(f"{path}.3")
+    assert os.path.getsize(path) <= 1000 + 100
+    assert "line 39" in path.read_text()
+
+
+def test_a_closed_console_does_not_raise(tmp_path):
+    console = io.StringIO()
+    log = Log("INFO", console=console)
+    console.close()
+    log.info("nobody is listening")         # a session must not die of its log

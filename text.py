@@ -1,0 +1,126 @@
+"""The message text after DATA, read as it arrives, and the trace line this server adds.
+
+The socket layer feeds `MessageText` the octets it receives, in whatever pieces they come.
+It finds the end of the text, undoes dot-stuffing, checks every line, counts the size and
+hands the text on, in whole lines, to a writer (storage.Draft) that puts it on disk at once:
+no message is ever held whole in memory. It keeps only a partial line (at most 1000 octets)
+and the first 64 KiB of the text, which hold the header block for the checks at the end.
+"""
+import datetime
+import email.utils
+import re
+
+# RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF: a run of 1000
+# octets without a LF (a CR counts) is one octet too many
+MAX_TEXT_LINE = 1000
+TOO_LONG_LINE = re.compile(rb"[^\n]{%d}" % MAX_TEXT_LINE)
+# RFC 5321 4.1.1.4: <CRLF>.<CRLF> ends the text, and nothing else does (2.3.8)
+END_OF_DATA = b"\r\n.\r\n"
+HEAD_KEPT = 65536
+# RFC 5321 6.3: a message with this many Received: headers has looped
+MAX_RECEIVED_HEADERS = 50
+
+
+class MessageText:
+    """The text of one DATA command while it arrives (RFC 5321 4.1.1.4)."""
+
+    def __init__(self, writer, max_size):
+        self.writer = writer            # .write(octets): whole lines, CRLF, unstuffed
+        self.max_size = max_size        # RFC 1870: the SIZE the server advertised
+        self.size = 0                   # octets of text, dot-stuffing undone
+        self.stuffed_lines = 0          # lines that began with an added period
+        self.bare_line_ending = False   # a CR or LF not in a CRLF (RFC 5321 2.3.8)
+        self.line_too_long = False      # RFC 5321 4.5.3.1.6
+        self.head = bytearray()         # the first HEAD_KEPT octets of the text
+        self.ended = False
+        self._partial = b""             # the start of a line whose LF has not arrived
+        # The text so far ends with CRLF: a line that begins now begins after a CRLF. The
+        # CRLF that ended the DATA command counts, so an empty text is just ".".
+        self._after_crlf = True
+
+    @property
+    def oversize(self):
+        return self.size > self.max_size
+
+    @property
+    def refused(self):
+        """Already known to be refused: the writer gets nothing more."""
+        return self.oversize or self.line_too_long or self.bare_line_ending
+
+    def feed(self, data):
+        """Take received octets. Returns None while the text goes on, or, once the end has
+        come, the octets that followed it (commands pipelined after the final dot)."""
+        pending = self._partial + data
+        last_line_end = pending.rfind(b"\n")
+        if last_line_end < 0:
+            self._keep_partial(pending)
+            return None
+        lines, self._partial = pending[:last_line_end + 1], b""
+        rest = pending[last_line_end + 1:]
+        if self._after_crlf and lines.startswith(b".\r\n"):
+            end = 0                     # the final dot is the first line
+        else:
+            found = lines.find(END_OF_DATA)
+            end = found + 2 if found >= 0 else -1
+        if end < 0:
+            self._take(lines)
+            self._keep_partial(rest)
+            return None
+        self._take(lines[:end])
+        self.ended = True
+        return lines[end + 3:] + rest
+
+    def _keep_partial(self, partial):
+        if len(partial) < MAX_TEXT_LINE:
+            self._partial = partial
+            return
+        # A line already too long: keep only its last octet, which may be the CR of the
+        # CRLF that comes before the final dot.
+        self.line_too_long = True
+        self._partial = partial[-1:]
+
+    def _take(self, lines):
+        """Whole lines (ending in LF) of wire text: check, unstuff, pass on."""
+        if not lines:
+            return
+        crlf = lines.count(b"\r\n")
+        if lines.count(b"\n") != crlf or lines.count(b"\r") != crlf:
+            self.bare_line_ending = True
+        if TOO_LONG_LINE.search(lines):
+            self.line_too_long = True
+        # RFC 5321 4.5.2: transparency. A line's leading period is removed.
+        first_stuffed = self._after_crlf and lines.startswith(b".")
+        self.stuffed_lines += lines.count(b"\r\n.") + first_stuffed
+        text = lines.replace(b"\r\n.", b"\r\n")
+        if first_stuffed:
+            text = text[1:]
+        self._after_crlf = lines.endswith(b"\r\n")
+        self.size += len(text)
+        if len(self.head) < HEAD_KEPT:
+            self.head += text[:HEAD_KEPT - len(self.head)]
+        if not self.refused:
+            self.writer.write(text)
+
+    def header_block(self):
+        """The header section as far as it was kept (RFC 5322 2.1: up to the empty line)."""
+        head = bytes(self.head)
+        if head.startswith(b"\r\n"):
+            return b""
+        return head.split(b"\r\n\r\n", 1)[0]
+
+    def received_headers(self):
+        return count_received_headers(self.header_block())
+
+
+def count_received_headers(header_block):
+    return sum(1 for line in header_block.split(b"\r\n") if line[:9].lower() == b"received:")
+
+
+def received_header(helo, client_literal, hostname, protocol, queue_id, recipients, now=None):
+    """RFC 5321 4.4: the trace line this server adds, with RFC 3848's protocol name."""
+    for_clause = f"\r\n\tfor <{recipients[0].text}>" if len(recipients) == 1 else ""
+    date = email.utils.format_datetime(now or datetime.datetime.now().astimezone())
+    line = (f"Received: from {helo} ({client_literal})\r\n"
+            f"\tby {hostname} (smtpd) with {protocol} id {queue_id}"
+            f"{for_clause};\r\n\t{date}\r\n")
+    return line.encode("ascii", "replace")
