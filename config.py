@@ -14,6 +14,8 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
+from address import AddressError, domain_name
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG_FILE = os.path.join(HERE, "conf", "smtpd.conf")
 
@@ -50,8 +52,10 @@ DEFAULTS = {
         "command_timeout": "300",
         "data_timeout": "600",
         "tls": "yes",
+        "chunking": "yes",
+        "delay_warning": "14400",
     },
-    "tls": {"cert": "", "key": "", "submission_port": "0"},
+    "tls": {"cert": "", "key": "", "submission_port": "0", "submissions_port": "0"},
     "auth": {"allow_plaintext": "no", "failure_delay": "1", "max_failures": "3"},
     "log": {"dir": "logs", "level": "INFO", "trace": "no"},
 }
@@ -94,9 +98,12 @@ class Config:
     command_timeout: float
     relay_data_timeout: float   # [relay] data_timeout: waiting for the reply to the final dot
     relay_tls: str              # yes (opportunistic), no, require
+    relay_chunking: bool        # BDAT to a next hop that offers CHUNKING (RFC 3030)
+    delay_warning: float        # seconds in the queue before a "delayed" DSN; 0: never
     tls_cert: str
     tls_key: str
     submission_port: int        # 0: no submission listener (RFC 6409)
+    submissions_port: int       # 0: no implicit-TLS submission listener (RFC 8314)
     auth_allow_plaintext: bool
     auth_failure_delay: float
     auth_max_failures: int
@@ -236,9 +243,12 @@ def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
         command_timeout=value.number("relay", "command_timeout"),
         relay_data_timeout=value.number("relay", "data_timeout"),
         relay_tls=value.choice("relay", "tls", ("yes", "no", "require")),
+        relay_chunking=value.boolean("relay", "chunking"),
+        delay_warning=value.number("relay", "delay_warning", minimum=0),
         tls_cert=value.path("tls", "cert", required=False),
         tls_key=value.path("tls", "key", required=False),
         submission_port=value.integer("tls", "submission_port", minimum=0, maximum=65535),
+        submissions_port=value.integer("tls", "submissions_port", minimum=0, maximum=65535),
         auth_allow_plaintext=value.boolean("auth", "allow_plaintext"),
         auth_failure_delay=value.number("auth", "failure_delay", minimum=0),
         auth_max_failures=value.integer("auth", "max_failures", minimum=1),
@@ -329,13 +339,17 @@ class _Reader:
         return name.lower()
 
     def domains(self, section, key):
-        names = [name.lower() for name in self.items(section, key)]
+        """Domain names, U-labels or A-labels alike, kept as A-labels (address.domain_name)."""
+        names = self.items(section, key)
         if not names:
             self.fail(section, key, "name at least one local domain")
+        kept = []
         for name in names:
-            if not _is_domain(name):
+            try:
+                kept.append(domain_name(name))
+            except AddressError:
                 self.fail(section, key, f"{name!r} is not a domain name")
-        return tuple(names)
+        return tuple(dict.fromkeys(kept))
 
     def networks(self, section, key):
         networks = []
@@ -372,9 +386,13 @@ class _Reader:
         routes = {}
         for item in self.items(section, key):
             domain, equals, next_hop = item.partition("=")
-            if not equals or not _is_domain(domain.strip()):
+            try:
+                domain = domain_name(domain.strip())
+            except AddressError:
+                equals = ""
+            if not equals:
                 self.fail(section, key, f"{item!r} is not domain=host:port")
-            routes[domain.strip().lower()] = self._host_port(section, key, next_hop.strip(), 25)
+            routes[domain] = self._host_port(section, key, next_hop.strip(), 25)
         return routes
 
     def retry(self, section, key):

@@ -60,6 +60,13 @@ class Envelope:
         return [recipient for recipient in self.recipients if not recipient.is_local]
 
     @property
+    def needs_smtputf8(self):
+        """RFC 6531 3.2: an address that only a next hop offering SMTPUTF8 can take (a
+        non-ASCII local part; domains travel as A-labels)."""
+        return not self.reverse_path.is_ascii or \
+            any(not recipient.address.is_ascii for recipient in self.recipients)
+
+    @property
     def spool_name(self):
         """`<client port>-<queue id>`, or `local-<queue id>` for mail this server wrote."""
         origin = self.client.port if self.client else "local"

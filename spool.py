@@ -8,8 +8,9 @@ recipients, holding the transaction as the SMTP commands that the relay replays.
     <spool>/.lock                             held by the one server that runs this queue
 
 MAIL and RCPT are written with their parameters (`mail_command`, `rcpt_command`), except
-SIZE and AUTH, which belong to the client's session: the relay states its own SIZE. The text
-is dot-stuffed with CRLF line ends, as on the wire. A spool file is written in tmp/, fsynced
+SIZE and AUTH, which belong to the client's session: the relay states its own SIZE. The
+commands are UTF-8 (an SMTPUTF8 address, RFC 6531); the text is dot-stuffed with CRLF line
+ends, as on the wire. A spool file is written in tmp/, fsynced
 and renamed, so a spool file under its name is always whole (see storage.Draft).
 """
 import fcntl
@@ -63,7 +64,8 @@ def command_head(envelope):
                 mail_command(envelope.reverse_path, recorded_parameters(envelope.parameters))]
     commands += [rcpt_command(recipient) for recipient in envelope.remote_recipients]
     commands.append("DATA")
-    return "".join(command + "\r\n" for command in commands).encode("ascii")
+    # UTF-8: with SMTPUTF8 (RFC 6531 3.3) an address may hold any character
+    return "".join(command + "\r\n" for command in commands).encode("utf-8")
 
 
 class SpooledMessage(NamedTuple):
@@ -111,9 +113,9 @@ def parse_head(name, head):
     if end < 0:
         raise SpoolError(f"spool file {name}: no DATA command")
     try:
-        commands = head[:end].decode("ascii").split("\r\n")
+        commands = head[:end].decode("utf-8").split("\r\n")
     except UnicodeDecodeError:
-        raise SpoolError(f"spool file {name}: a command is not ASCII") from None
+        raise SpoolError(f"spool file {name}: a command is not UTF-8") from None
     if len(commands) < 3 or not commands[0].startswith("EHLO "):
         raise SpoolError(f"spool file {name}: not EHLO, MAIL, RCPT")
     try:
@@ -130,7 +132,8 @@ def _parse_command(line, keyword, allow_null=False):
     if not line.startswith(keyword):
         raise SpoolError(f"expected {keyword}, found {line[:40]!r}")
     path_text, parameter_text = split_path_and_parameters(line[len(keyword):])
-    return parse_path(path_text, allow_null=allow_null), parse_parameters(parameter_text)
+    return (parse_path(path_text, allow_null=allow_null, utf8=True),
+            parse_parameters(parameter_text))
 
 
 # ---------------------------------------------------------------------------------------

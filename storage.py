@@ -12,6 +12,7 @@ import itertools
 import os
 import socket
 import time
+import unicodedata
 
 import durable
 import spool as spool_format
@@ -34,10 +35,12 @@ class StorageError(Exception):
 
 
 def is_safe_name(name):
-    """A local part or domain that can be a directory name: no path tricks, no control bytes."""
+    """A local part or domain that can be a directory name: no path tricks, no control or
+    space characters (of any script: a UTF-8 name from SMTPUTF8 is a name like any other)."""
     return (bool(name) and len(name.encode()) <= 255 and not name.startswith(".")
             and "/" not in name and "\\" not in name
-            and all(" " < c < "\x7f" for c in name))
+            and all(" " < c < "\x7f" if c.isascii() else unicodedata.category(c)[0] not in "CZ"
+                    for c in name))
 
 
 class Maildir:

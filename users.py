@@ -7,9 +7,11 @@
 import os
 import threading
 import time
+import unicodedata
 
 import durable
 import passwords
+from address import AddressError, domain_name
 from storage import is_safe_name
 
 
@@ -57,17 +59,17 @@ class Users:
 
     def has_mailbox(self, local_part, domain):
         self._refresh()
-        local_part, domain = local_part.lower(), domain.lower()
-        return f"{local_part}@{domain}" in self._entries or local_part in self._entries
+        local_part = mailbox_key(local_part)
+        return f"{local_part}@{domain.lower()}" in self._entries or local_part in self._entries
 
     def password_hash(self, login):
         """The stored hash for `name@domain` or `name`, or None."""
         self._refresh()
-        return self._entries.get(login.lower())
+        return self._entries.get(mailbox_key(login))
 
     def check_password(self, login, password):
         """AUTH: `login` is `name@domain` (or a bare `name` entry's `name`)."""
-        login = login.lower()
+        login = mailbox_key(login) or ""
         stored = self.password_hash(login)
         if stored is None and "@" in login:
             stored = self.password_hash(login.partition("@")[0])
@@ -93,12 +95,29 @@ def read_users_file(path):
         if not line:
             continue
         name, _, password_hash = line.partition(":")
-        name = name.strip().lower()
-        local_part, _, domain = name.partition("@")
-        if not is_safe_name(local_part) or (domain and not is_safe_name(domain)):
-            raise UsersFileError(f"users file {path} line {number}: bad mailbox name {name!r}")
-        entries[name] = password_hash.strip() or None
+        key = mailbox_key(name)
+        if key is None:
+            raise UsersFileError(f"users file {path} line {number}: bad mailbox name "
+                                 f"{name.strip()!r}")
+        entries[key] = password_hash.strip() or None
     return entries, mtime
+
+
+def mailbox_key(name):
+    """`Name` or `name@domain` as the users file is looked up: the local part in NFC and
+    lower case (RFC 6532 3.1), the domain as A-labels (so bücher.test = xn--bcher-kva.test).
+    None if it cannot be a mailbox (see storage.is_safe_name)."""
+    local_part, at, domain = name.strip().rpartition("@") if "@" in name else \
+        (name.strip(), "", "")
+    local_part = unicodedata.normalize("NFC", local_part).lower()
+    if at:
+        try:
+            domain = domain_name(domain)
+        except AddressError:
+            return None
+    if not is_safe_name(local_part) or (at and not is_safe_name(domain)):
+        return None
+    return f"{local_part}@{domain}" if at else local_part
 
 
 def add_user(path, login, password_hash):
@@ -108,7 +127,8 @@ def add_user(path, login, password_hash):
             lines = users_file.read().splitlines()
     except FileNotFoundError:
         lines = []
+    login = mailbox_key(login)
     kept = [line for line in lines
-            if line.split("#", 1)[0].partition(":")[0].strip().lower() != login.lower()]
-    kept.append(f"{login.lower()}:{password_hash}")
+            if mailbox_key(line.split("#", 1)[0].partition(":")[0]) != login]
+    kept.append(f"{login}:{password_hash}")
     durable.write_file(path, ("\n".join(kept) + "\n").encode("utf-8"), replace=True, mode=0o644)

@@ -29,11 +29,11 @@ def dot_stuff(text):
 
 def envelope_of(sender, recipients, parameters=None, helo="client.example"):
     """An Envelope of remote recipients: `recipients` are addresses, or (address, {params})."""
-    reverse_path = NULL_ADDRESS if sender == "" else parse_mailbox(sender)
+    reverse_path = NULL_ADDRESS if sender == "" else parse_mailbox(sender, utf8=True)
     envelope = Envelope(reverse_path, helo, None, dict(parameters or {}))
     for item in recipients:
         address, rcpt_parameters = (item, {}) if isinstance(item, str) else item
-        envelope.recipients.append(Recipient(parse_mailbox(address), dict(rcpt_parameters)))
+        envelope.recipients.append(Recipient(parse_mailbox(address, utf8=True), dict(rcpt_parameters)))
     return envelope
 
 

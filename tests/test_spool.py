@@ -70,6 +70,15 @@ def test_text_chunks_stream_the_whole_text_in_pieces(spool):
     assert max(len(chunk) for chunk in chunks) == 4096 and len(chunks) > 50
 
 
+def test_an_smtputf8_address_round_trips(spool):
+    head = command_head(envelope_of("jöhn@bücher.test", ["zoë@remote.test"],
+                                    parameters={"SMTPUTF8": None}))
+    message = spool.read(raw_spool_file(spool, "1-utf8", head + END_OF_FILE))
+    assert message.envelope.reverse_path.text == "jöhn@xn--bcher-kva.test"
+    assert message.envelope.parameters == {"SMTPUTF8": None}
+    assert [r.address.text for r in message.recipients] == ["zoë@remote.test"]
+
+
 def test_an_empty_text_is_a_whole_spool_file(spool):
     head = command_head(envelope_of("alice@test.ru", ["bob@remote.test"]))
     message = spool.read(raw_spool_file(spool, "1-empty", head + END_OF_FILE))
@@ -83,7 +92,7 @@ HEAD = command_head(envelope_of("alice@test.ru", ["bob@remote.test"]))
     (HEAD[:-len(b"DATA\r\n")] + b"Subject: x\r\n", "no DATA command"),
     (b"EHLO x\r\nMAIL FROM:<alice@test.ru>\r\nDATA\r\nx\r\n" + END_OF_FILE, "not EHLO, MAIL, RCPT"),
     (b"EHLO x\r\nMAIL FROM:<\xff@test.ru>\r\nRCPT TO:<b@c.d>\r\nDATA\r\n" + END_OF_FILE,
-     "not ASCII"),
+     "not UTF-8"),
     (b"EHLO x\r\nMAIL FROM:<alice>\r\nRCPT TO:<b@c.d>\r\nDATA\r\n" + END_OF_FILE, "no @domain"),
     (b"EHLO x\r\nRCPT TO:<b@c.d>\r\nMAIL FROM:<a@b.c>\r\nDATA\r\n" + END_OF_FILE,
      "expected MAIL FROM:"),

@@ -288,14 +288,16 @@ def test_the_spool_file_reads_back(store):
 
 
 @pytest.mark.parametrize("name", ["alice", "a.b", "a-b_c+d", "test.ru", "[127.0.0.1]",
-                                  "x" * 255, "o'brien", "a..b"])
+                                  "x" * 255, "o'brien", "a..b", "café", "zoë", "用户",
+                                  "xn--bcher-kva.test"])
 def test_safe_names(name):
     assert is_safe_name(name)
 
 
 @pytest.mark.parametrize("name", [
     "", ".", "..", ".hidden", "../x", "a/b", "/", "a\\b", "a\x00b", "\x00", "a\x01",
-    "a\x1fb", "a\x7f", "a b", "a\tb", "a\nb", "caf\u00e9", "x" * 256,
+    "a\x1fb", "a\x7f", "a b", "a\tb", "a\nb", "x" * 256, "é" * 128,
+    "a\u200bb", "a\u2028b", "a\u00a0b", "a\u202eb", "a\x85b",     # invisible, spaces, controls
 ])
 def test_unsafe_names(name):
     assert not is_safe_name(name)

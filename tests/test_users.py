@@ -33,6 +33,16 @@ def test_users_file_refuses_unsafe_names(tmp_path, line):
         read_users_file(path)
 
 
+def test_utf8_names_and_idn_domains(tmp_path):
+    mailboxes = Users(write_users(tmp_path, "Zoë\nJürgen@Bücher.Test\nbob@xn--bcher-kva.test\n"))
+    assert mailboxes.has_mailbox("zoë", "test.ru")
+    assert mailboxes.has_mailbox("ZOË", "test.ru")                  # compared in lower case
+    assert mailboxes.has_mailbox("zoe\u0308", "test.ru")           # and in NFC
+    assert mailboxes.has_mailbox("jürgen", "xn--bcher-kva.test")    # U-labels are A-labels
+    assert mailboxes.has_mailbox("bob", "xn--bcher-kva.test")
+    assert not mailboxes.has_mailbox("jürgen", "test.ru")
+
+
 def test_missing_users_file(tmp_path):
     with pytest.raises(UsersFileError, match="no such file"):
         Users(str(tmp_path / "nope"))
