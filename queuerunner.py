@@ -1,12 +1,13 @@
-"""The queue runner: delivers what the spool holds, retries, bounces, and forgets nothing.
+"""The queue runner: delivers what the spool holds, retries, notifies, and forgets nothing.
 
 The spool is the queue. A `Schedule` says when each message is next due. When one is, its
 due recipients are grouped by domain and each group is one job for a worker thread: one SMTP
 transaction per domain (RFC 5321 4.5.4). Every outcome is applied to the message's
 `DeliveryRecord` and the record saved atomically beside the spool file (spool.write_state)
 at once, so a crash at any moment neither loses a message nor sends it twice to a recipient
-who already answered. When the pass is over, a bounce owed is built and submitted, and the
-message is removed once nothing is pending and no bounce is owed.
+who already answered. When the pass is over, the notices owed (failed, relayed, delayed:
+RFC 3461) are built and submitted, one DSN per action, and the message is removed once
+nothing is pending and no notice is owed.
 
 A spool file or record that cannot be used is moved to spool/corrupt/ with one log line;
 the rest of the queue goes on.
@@ -16,7 +17,8 @@ import queue
 import threading
 import time
 
-from bounce import Bouncer, Failure
+import dsn
+from bounce import Bouncer, Notice
 from delivery import (DEFAULT_POLICY, DeliveryRecord, Outcome, RecordError, RetryPolicy,
                       Status, describe, duration)
 from relay import Transaction
@@ -35,7 +37,7 @@ class Attempt:
         self.name = name
         self.message = message
         self.record = record
-        self.forced = forced            # a flush: the bounce is due too
+        self.forced = forced            # a flush: the notices owed are due too
         self.jobs_left = jobs
         self.unsaved = False            # the record changed but could not be saved
         self.lock = threading.Lock()
@@ -106,7 +108,7 @@ class QueueRunner:
         self.schedule.add(name, time.time() if due is None else due)
 
     def flush(self):
-        """Make every pending recipient and owed bounce due now (--flush, SIGUSR1).
+        """Make every pending recipient and owed notice due now (--flush, SIGUSR1).
         Returns the time of the flush."""
         names = self.spool.names()
         flushed_at = time.time()
@@ -246,9 +248,12 @@ class QueueRunner:
         if state.status is Status.PENDING and self.config.trace:
             self.log.info("%s    <%s> retried in %ds (RFC 5321 4.5.4.1)", attempt.tag, key,
                           state.next_attempt - now)
-        if state.status is Status.FAILED and not attempt.record.bounce_wanted:
-            self.log.info("%s <%s> not bounced: the sender is <> (RFC 5321 4.5.5)",
-                          attempt.tag, key)
+        if state.status is Status.FAILED and dsn.FAILED not in attempt.record.wanted[key]:
+            if attempt.message.envelope.reverse_path.is_null:
+                why = "the sender is <> (RFC 5321 4.5.5)"
+            else:
+                why = "its NOTIFY does not ask for failures (RFC 3461 4.1)"
+            self.log.info("%s <%s> not bounced: %s", attempt.tag, key, why)
 
     def _save(self, attempt):
         """Write the record; called with the attempt's lock held. A failure is logged and
@@ -273,12 +278,12 @@ class QueueRunner:
             self.schedule.finish(attempt.name, time.time() + self.policy.delays[0])
 
     def _end_pass(self, attempt):
-        """Bounce what is owed, then remove the message or schedule its next attempt."""
+        """Send the notices owed, then remove the message or schedule its next attempt."""
         now = time.time()
         with attempt.lock:
             record = attempt.record
-            if record.bounce_due(now, attempt.forced):
-                self._bounce(attempt, now)
+            if record.notices_due(now, attempt.forced):
+                self._send_notices(attempt, now)
             if record.finished:
                 self._remove(attempt)
                 return
@@ -287,26 +292,39 @@ class QueueRunner:
             due = record.next_due()
         self.schedule.finish(attempt.name, due)
 
-    def _bounce(self, attempt, now):
+    def _send_notices(self, attempt, now):
+        """One DSN per action owed; one that cannot be stored is tried again on its own
+        schedule, and the recipients are not asked again."""
         record = attempt.record
-        owed = record.owed()
-        failures = [Failure(key, state.last_error, state.remote, state.last_attempt)
-                    for key, state in owed.items()]
-        addresses = ", ".join(f"<{key}>" for key in owed)
-        try:
-            envelope = self.bouncer.send(attempt.message, failures, now)
-        except Exception as error:
-            delay = record.bounce_failed(f"{type(error).__name__}: {error}", now)
-            self.log.error("%s cannot send the bounce for %s: %s; trying it again in %ds "
-                           "(the recipients are not asked again)", attempt.tag, addresses,
-                           error, delay, exc_info=not isinstance(error, (OSError, StorageError)))
-        else:
-            record.bounce_sent(owed)
+        for action in record.owed_actions():
+            owed = record.owed(action)
+            addresses = ", ".join(f"<{key}>" for key in owed)
+            try:
+                envelope = self.bouncer.send(attempt.message, self._notices(attempt, action,
+                                                                            owed), now)
+            except Exception as error:
+                delay = record.notices_failed(f"{type(error).__name__}: {error}", now)
+                self.log.error("%s cannot send the %s notice for %s: %s; trying it again in "
+                               "%ds (the recipients are not asked again)", attempt.tag, action,
+                               addresses, error, delay,
+                               exc_info=not isinstance(error, (OSError, StorageError)))
+                break
+            record.notices_sent(action, owed)
             if envelope is not None:
-                self.log.info("%s bounce %s for %s sent to <%s>", attempt.tag,
+                self.log.info("%s %s notice %s for %s sent to <%s>", attempt.tag, action,
                               envelope.queue_id or "", addresses,
                               envelope.recipients[0].address.text)
         self._save(attempt)
+
+    def _notices(self, attempt, action, owed):
+        """[Notice] of `action` for the recipients `owed` ({address: RecipientState})."""
+        recipients = {recipient.address.text: recipient
+                      for recipient in reversed(attempt.message.recipients)}
+        retry_until = attempt.record.created + self.policy.max_queue_age \
+            if action == dsn.DELAYED else None
+        return [Notice.from_reply(recipients[key], action, state.last_error,
+                                  state.remote, state.last_attempt or None, retry_until)
+                for key, state in owed.items()]
 
     def _remove(self, attempt):
         try:
@@ -369,9 +387,10 @@ def _listing_entry(spool, name, now):
     except (SpoolError, RecordError, OSError) as error:
         return lines + [f"    damaged record: {error}"]
     lines += [f"    <{key}>  {describe(state, now)}" for key, state in record.recipients.items()]
-    if record.owed() and record.bounce.attempts:
-        wait = record.bounce.next_attempt - now
-        lines.append(f"    bounce: {record.bounce.attempts} failed attempt(s), next "
+    retry = record.notice_retry
+    if record.owed() and retry.attempts:
+        wait = retry.next_attempt - now
+        lines.append(f"    notices: {retry.attempts} failed attempt(s), next "
                      f"{'now' if wait <= 0 else 'in ' + duration(wait)}, "
-                     f"last error: {record.bounce.last_error}")
+                     f"last error: {retry.last_error}")
     return lines

@@ -4,8 +4,16 @@ The transaction replays what the spool file recorded (RFC 5321 3.3). It sends it
 (`[server] hostname`; HELO when EHLO is refused), STARTTLS when offered (RFC 3207), then the
 recorded MAIL and RCPT lines with their parameters, leaving out only those whose extension the
 next hop did not advertise, adds its own SIZE= (RFC 1870), and streams the text from the spool
-file. Each recipient's outcome is handed to `report` as soon as it is known (RCPT refusals,
-then the reply to the final dot), before QUIT: a remote that stalls on QUIT delays nothing.
+file: after DATA as it is stored (dot-stuffed), or with BDAT, unstuffed, to a next hop that
+offers CHUNKING (RFC 3030). Each recipient's outcome is handed to `report` as soon as it is
+known (RCPT refusals, then the reply to the end of the text), before QUIT: a remote that stalls
+on QUIT delays nothing.
+
+The relay never sends what the next hop did not offer. A message that needs SMTPUTF8 (RFC 6531
+3.2) or has 8-bit text (RFC 6152 3) goes only to a host offering that extension: another MX
+is tried, and when every host was reached and none offers it, the recipients fail (5.6.7,
+5.6.3). 8-bit text is never converted to quoted-printable: a conversion would change a
+message that may be signed (DKIM), and a bounce says plainly what happened.
 
 A remote is never trusted to be brief: a reply has at most MAX_REPLY_LINES lines and
 MAX_REPLY_OCTETS octets, and must be complete within its timeout (a deadline for the whole
@@ -17,6 +25,7 @@ import ssl
 import time
 from typing import NamedTuple
 
+import dsn
 import spool
 from delivery import Outcome, Status
 from resolver import DeliveryError
@@ -24,6 +33,7 @@ from resolver import DeliveryError
 MAX_REPLY_LINES = 100           # RFC 5321 4.2.1 sets no limit; a real EHLO has about 15
 MAX_REPLY_OCTETS = 1 << 16      # RFC 5321 4.5.3.1.5: 512 octets a line
 RECEIVE_SIZE = 4096
+BDAT_CHUNK = spool.TEXT_CHUNK   # octets of text read, unstuffed and sent per BDAT (64 KiB)
 
 # RFC 5321 2.2.1: a parameter is sent only to a server that advertised the extension which
 # defines it. A keyword not listed here is taken to be defined by an extension of its name.
@@ -34,6 +44,13 @@ EXTENSION_OF_PARAMETER = {
     "ENVID": "DSN",             # RFC 3461 4.4
     "NOTIFY": "DSN",            # RFC 3461 4.1
     "ORCPT": "DSN",             # RFC 3461 4.2
+}
+# Why a parameter is left out, when more can be said than that its extension is missing
+WHY_LEFT_OUT = {
+    "SMTPUTF8": "the message is all ASCII, so it goes without (RFC 6531 3.2)",
+    "BODY": "the text is 7-bit after all, so it goes without BODY (RFC 6152 3)",
+    **dict.fromkeys(("RET", "ENVID", "NOTIFY", "ORCPT"),
+                    "its notices stop here (RFC 3461 5.2.2)"),
 }
 
 
@@ -70,6 +87,15 @@ class TryNextHost(DeliveryError):
 
 class TlsFailed(TryNextHost):
     """STARTTLS was offered but did not work; clear text may be tried unless TLS is required."""
+
+
+class Unsuitable(TryNextHost):
+    """This host lacks an extension the message needs (SMTPUTF8, 8BITMIME): another host may
+    have it; when none has, the recipients fail with `reply`."""
+
+    def __init__(self, reply, hop):
+        super().__init__(reply, permanent=True)
+        self.hop = hop
 
 
 class SessionBroken(DeliveryError):
@@ -113,7 +139,8 @@ class SmtpClient:
         """Send one command line and return the reply."""
         self.log.info("%s -> %s", self.tag, line)
         self.sock.settimeout(self.config.command_timeout)
-        self.sock.sendall(line.encode("ascii") + b"\r\n")
+        # UTF-8: an address goes out non-ASCII only to a next hop offering SMTPUTF8
+        self.sock.sendall(line.encode("utf-8") + b"\r\n")
         return self.reply(timeout or self.config.command_timeout)
 
     def send_text(self, message):
@@ -126,6 +153,17 @@ class SmtpClient:
         self.log.info("%s -> .", self.tag)
         self.sock.sendall(b".\r\n")
         return self.reply(self.config.relay_data_timeout)       # RFC 5321 4.5.3.2.6
+
+    def send_chunk(self, chunk, last):
+        """RFC 3030 2: `BDAT <size> [LAST]` and exactly that many octets; returns its reply
+        (the last one's is awaited as long as the reply to DATA's final dot)."""
+        line = f"BDAT {len(chunk)}{' LAST' if last else ''}"
+        self.log.info("%s -> %s", self.tag, line)
+        self.sock.settimeout(self.config.command_timeout)
+        self.sock.sendall(line.encode("ascii") + b"\r\n")
+        self.sock.sendall(chunk)
+        return self.reply(self.config.relay_data_timeout if last
+                          else self.config.command_timeout)
 
     def reply(self, timeout):
         """The next whole reply, within `timeout` seconds from now."""
@@ -193,6 +231,24 @@ def size_limit(extensions):
 
 
 # ---------------------------------------------------------------------------------------
+# The text: what it holds, and the text itself as BDAT sends it
+
+
+def with_last(pieces):
+    """(piece, is it the last) for each piece; for none, one empty last piece (RFC 3030 2:
+    `BDAT 0 LAST`)."""
+    pieces = iter(pieces)
+    previous = next(pieces, None)
+    if previous is None:
+        yield b"", True
+        return
+    for piece in pieces:
+        yield previous, False
+        previous = piece
+    yield previous, True
+
+
+# ---------------------------------------------------------------------------------------
 # One SMTP transaction for the recipients of one domain
 
 
@@ -211,6 +267,7 @@ class Transaction:
         self.report = report
         self.tag = f"[{message.queue_id}]"
         self.reported = set()
+        self._shape = None              # the TextShape, once a host made it matter
 
     def run(self):
         try:
@@ -222,18 +279,31 @@ class Transaction:
             return
         self._trace(f"next hops for {self.domain}, in order: "
                     f"{', '.join(str(hop) for hop in hops)} (RFC 5321 5.1)")
-        last_error = f"451 4.4.1 no mail exchanger of {self.domain} answered"
+        errors = []
         for hop in hops:
             try:
                 self._deliver_via(hop)
                 return
             except TryNextHost as error:
-                last_error = error.reply
+                errors.append(error)
                 self.log.info("%s %s: %s; trying the next host", self.tag, hop, error.reply)
             except SessionBroken as error:
                 self._report_rest(Status.PENDING, error.reply, hop)
                 return
-        self._report_rest(Status.PENDING, last_error)
+        self._no_host_took_it(errors)
+
+    def _no_host_took_it(self, errors):
+        """RFC 5321 5.1: every host was tried. When each was reached and lacks what the
+        message needs, the recipients fail; when one could not be asked, they wait."""
+        if errors and all(isinstance(error, Unsuitable) for error in errors):
+            self._trace(f"no next hop of {self.domain} offers what this message needs: "
+                        "its recipients fail (RFC 6531 3.2, RFC 6152 3)")
+            self._report_rest(Status.FAILED, errors[0].reply, errors[0].hop)
+            return
+        temporary = [error for error in errors if not isinstance(error, Unsuitable)]
+        reply = temporary[-1].reply if temporary else \
+            f"451 4.4.1 no mail exchanger of {self.domain} answered"
+        self._report_rest(Status.PENDING, reply)
 
     # outcomes
 
@@ -316,13 +386,76 @@ class Transaction:
                       "TLS not offered" if use_tls else "TLS off for this attempt")
         return extensions
 
+    # what the message needs of a host
+
+    def _text_shape(self):
+        if self._shape is None:
+            self._shape = spool.text_shape(self.message.text_chunks())
+        return self._shape
+
+    def _addresses_need_smtputf8(self):
+        """RFC 6531 3.2: an address of this transaction's own envelope is not ASCII."""
+        return dataclasses.replace(self.message.envelope,
+                                   recipients=self.recipients).needs_smtputf8
+
+    def _needs_smtputf8(self):
+        """Why this transaction needs SMTPUTF8 (RFC 6531 3.2), or None: a non-ASCII address,
+        or UTF-8 header text in a message sent with SMTPUTF8 (the 8-bit header of one sent
+        without it is legacy 8-bit text, RFC 6152's business)."""
+        if self._addresses_need_smtputf8():
+            return "a non-ASCII address"
+        if "SMTPUTF8" in self.message.envelope.parameters and \
+                self._text_shape().eight_bit_headers:
+            return "UTF-8 in its header"
+        return None
+
+    def _unsuitable(self, extensions, hop):
+        """The reply for every recipient when `hop` cannot take this message, or None."""
+        return self._smtputf8_refusal(extensions, hop) or self._8bit_refusal(extensions, hop)
+
+    def _smtputf8_refusal(self, extensions, hop):
+        if "SMTPUTF8" in extensions:
+            if "SMTPUTF8" in self.message.envelope.parameters or \
+                    self._addresses_need_smtputf8():
+                self._trace(f"{hop} offers SMTPUTF8: MAIL says SMTPUTF8 (RFC 6531 3.4)")
+            return None
+        need = self._needs_smtputf8()
+        if need is None:
+            return None
+        self._trace(f"the message needs SMTPUTF8 ({need}) and {hop} does not offer it: not "
+                    "sent there (RFC 6531 3.2)")
+        return f"550 5.6.7 {hop} does not offer SMTPUTF8, which this message needs ({need})"
+
+    def _8bit_refusal(self, extensions, hop):
+        if "8BITMIME" in extensions or not self._text_shape().eight_bit:
+            return None
+        self._trace(f"the text has 8-bit octets and {hop} does not offer 8BITMIME: not sent "
+                    "there, and not converted to quoted-printable (RFC 6152 3)")
+        return f"554 5.6.3 {hop} does not offer 8BITMIME, and the text has 8-bit octets"
+
+    def _too_big(self, extensions, hop):
+        """The reply for every recipient when the text exceeds `hop`'s SIZE, or None."""
+        limit, size = size_limit(extensions), self.message.text_size
+        if not limit:
+            return None
+        if size > limit:
+            self._trace(f"the message ({size} octets) exceeds the SIZE {limit} of {hop}: its "
+                        "recipients fail (RFC 1870 6)")
+            return f"552 5.3.4 message too big for {hop} (its limit is {limit} octets)"
+        self._trace(f"the message ({size} octets) is within the SIZE {limit} of {hop} "
+                    "(RFC 1870 6)")
+        return None
+
     # the transaction itself
 
     def _transact(self, client, extensions, hop):
-        limit = size_limit(extensions)
-        if limit and self.message.text_size > limit:                  # RFC 1870 6
-            self._report_rest(Status.FAILED, f"552 5.3.4 message too big for {hop} "
-                                             f"(its limit is {limit} octets)", hop)
+        refusal = self._unsuitable(extensions, hop)
+        if refusal:
+            self._quit(client)
+            raise Unsuitable(refusal, hop)
+        refusal = self._too_big(extensions, hop)
+        if refusal:
+            self._report_rest(Status.FAILED, refusal, hop)
             self._quit(client)
             return
         answer = client.command(self._mail_line(extensions))
@@ -333,7 +466,7 @@ class Transaction:
         try:
             accepted = self._recipients(client, extensions, hop)
             if accepted:
-                self._data(client, accepted, hop)
+                self._send(client, accepted, extensions, hop)
         except (DeliveryError, OSError) as error:
             reply = getattr(error, "reply", "") or f"451 4.4.2 connection to {hop} failed: {error}"
             raise SessionBroken(reply) from None
@@ -343,6 +476,8 @@ class Transaction:
         envelope = self.message.envelope
         parameters, dropped = offered_parameters(envelope.parameters, extensions)
         self._trace_dropped("MAIL", dropped)
+        if "SMTPUTF8" in extensions and self._addresses_need_smtputf8():   # RFC 6531 3.4
+            parameters.setdefault("SMTPUTF8", None)
         if "SIZE" in extensions:                                      # RFC 1870 6
             parameters["SIZE"] = str(self.message.text_size)
         return spool.mail_command(envelope.reverse_path, parameters)
@@ -350,12 +485,17 @@ class Transaction:
     def _rcpt_line(self, recipient, extensions):
         parameters, dropped = offered_parameters(recipient.parameters, extensions)
         self._trace_dropped(f"RCPT <{recipient.address.text}>", dropped)
+        if "DSN" not in extensions and dsn.wants(recipient, dsn.RELAYED):
+            self._trace(f"RCPT <{recipient.address.text}>: NOTIFY=SUCCESS cannot be passed on: "
+                        "a 'relayed' notice goes to the sender once the next hop takes it "
+                        "(RFC 3461 5.2.2)")
         return spool.rcpt_command(dataclasses.replace(recipient, parameters=parameters))
 
     def _trace_dropped(self, command, dropped):
         for keyword, extension in dropped:
+            why = WHY_LEFT_OUT.get(keyword)
             self._trace(f"{command}: {keyword} left out: the next hop does not offer "
-                        f"{extension} (RFC 5321 2.2.1)")
+                        f"{extension}" + (f"; {why}" if why else " (RFC 5321 2.2.1)"))
 
     def _recipients(self, client, extensions, hop):
         """RCPT for each; the refused are reported before DATA. Returns the accepted."""
@@ -372,15 +512,35 @@ class Transaction:
             self._report(refused)
         return accepted
 
-    def _data(self, client, accepted, hop):
-        answer = client.command("DATA")
-        if answer.code == 354:
-            answer = client.send_text(self.message)
-            status = answer.status
+    def _send(self, client, accepted, extensions, hop):
+        """The text, with DATA or BDAT; every accepted recipient gets the one outcome."""
+        if "CHUNKING" in extensions and self.config.relay_chunking:
+            self._trace(f"{hop} offers CHUNKING: the text goes unstuffed with BDAT, in "
+                        f"chunks of at most {BDAT_CHUNK} octets (RFC 3030 2)")
+            answer = self._bdat(client)
         else:
-            status = _refusal(answer)
-        self._report({recipient.address.text: Outcome(status, answer.text, str(hop))
+            if "CHUNKING" in extensions:
+                self._trace(f"{hop} offers CHUNKING, but [relay] chunking = no: DATA "
+                            "(RFC 5321 4.1.1.4)")
+            answer = self._data(client)
+        passed_on = "DSN" in extensions         # RFC 3461 5.2.1: its notices are the hop's
+        self._report({recipient.address.text: Outcome(answer.status, answer.text, str(hop),
+                                                       passed_on)
                       for recipient in accepted})
+
+    def _data(self, client):
+        answer = client.command("DATA")
+        if answer.code != 354:
+            return _as_refusal(answer)
+        return client.send_text(self.message)
+
+    def _bdat(self, client):
+        """RFC 3030 2: after a chunk is refused no other is sent; its reply is the outcome."""
+        for chunk, last in with_last(spool.unstuffed(self.message.text_chunks(BDAT_CHUNK))):
+            answer = client.send_chunk(chunk, last)
+            if answer.code != 250:
+                return _as_refusal(answer)
+        return answer
 
     def _quit(self, client):
         """RFC 5321 4.1.1.10. Every outcome is reported by now; a stall here costs nothing."""
@@ -393,3 +553,11 @@ class Transaction:
 def _refusal(answer):
     """A reply other than the expected one: 5xx fails, anything else is tried again."""
     return Status.FAILED if answer.status is Status.FAILED else Status.PENDING
+
+
+def _as_refusal(answer):
+    """`answer` where another was expected, as a reply that is not a success: a 2xx or 3xx
+    out of place is a protocol error to be tried again later."""
+    if answer.status is Status.DONE or answer.code < 400:
+        return Response(451, (f"451 4.5.0 unexpected reply from remote: {answer.text}",))
+    return answer

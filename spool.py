@@ -137,6 +137,48 @@ def _parse_command(line, keyword, allow_null=False):
 
 
 # ---------------------------------------------------------------------------------------
+# What a spooled text is like
+
+
+class TextShape(NamedTuple):
+    """Where a text has octets above 127 (RFC 6152 3, RFC 6532 3)."""
+    eight_bit_headers: bool     # in the header block (up to the first empty line)
+    eight_bit: bool             # anywhere
+
+
+def text_shape(chunks):
+    """The TextShape of a text given in pieces; it reads no further than it must."""
+    in_headers, eight_bit_headers, eight_bit = True, False, False
+    tail = b"\r\n"              # as if a line had just ended: a text may start with CRLF
+    for chunk in chunks:
+        if in_headers:
+            window = tail + chunk
+            end = window.find(b"\r\n\r\n")
+            in_this_chunk = chunk if end < 0 else chunk[:max(0, end - len(tail))]
+            eight_bit_headers = eight_bit_headers or not in_this_chunk.isascii()
+            in_headers = end < 0
+            tail = window[-3:]
+        eight_bit = eight_bit or not chunk.isascii()
+        if eight_bit and (eight_bit_headers or not in_headers):
+            break
+    return TextShape(eight_bit_headers, eight_bit)
+
+
+def unstuffed(chunks):
+    """The dot-stuffed pieces of a spool file's text with the stuffing undone (RFC 5321
+    4.5.2: the server added a "." to every line that began with one); a line may be split
+    across pieces. Empty pieces are left out."""
+    at_line_start = True
+    for chunk in chunks:
+        piece = chunk[1:] if at_line_start and chunk.startswith(b".") else chunk
+        piece = piece.replace(b"\n.", b"\n")
+        at_line_start = chunk.endswith(b"\n")
+        if piece:
+            yield piece
+
+
+
+# ---------------------------------------------------------------------------------------
 # The directory
 
 

@@ -11,14 +11,28 @@ Hostile or broken peers (all off by default):
 `ehlo_flood=True` answers EHLO with `250-` lines that never end; `dribble=True` (or a number
 of seconds between bytes, True = 0.1) sends an endless multiline greeting one byte at a time;
 `hang_on_quit=True` never answers QUIT (the transaction before it is complete and counted).
-`mail_reply` is the answer to MAIL; `commands` keeps every command line as it arrived.
+`mail_reply` is the answer to MAIL; `commands` keeps every command line as it arrived
+(decoded as UTF-8), `raw_commands` the same lines as bytes.
 Each session is signalled through `connections` (see `wait_for_sessions`), each QUIT
 received through `quits`; `stop()` ends the endless ones.
+
+Extensions: `ehlo=ehlo_offering("DSN", "SMTPUTF8", "CHUNKING")` advertises them (and, unless
+`eight_bit=False`, SIZE and 8BITMIME). BDAT (RFC 3030) is always accepted: every chunk is kept
+in `chunks` as (command line, octets), each answered `bdat_reply` (the last one
+`data_reply`), and the reassembled text of a finished transaction goes to `messages`.
 """
 import itertools
 import socket
 import socketserver
 import threading
+
+
+def ehlo_offering(*keywords, eight_bit=True, size=100000000):
+    """An EHLO reply listing `keywords`, after SIZE and 8BITMIME unless told otherwise."""
+    offered = ([f"SIZE {size}"] if size else []) + (["8BITMIME"] if eight_bit else [])
+    offered += ["PIPELINING", *keywords]
+    return ("250-fake.mx", *[f"250-{keyword}" for keyword in offered[:-1]],
+            f"250 {offered[-1]}")
 
 
 class FakeMX(socketserver.ThreadingTCPServer):
@@ -28,10 +42,14 @@ class FakeMX(socketserver.ThreadingTCPServer):
     def __init__(self, host, port=0, greeting="220 fake.mx ESMTP", ehlo=("250-fake.mx",
                  "250-SIZE 100000000", "250-8BITMIME", "250 PIPELINING"), rcpt=("250 2.1.5 ok",),
                  data_reply="250 2.0.0 queued", ehlo_flood=False, dribble=None,
-                 hang_on_quit=False, *, mail_reply="250 2.1.0 ok"):
+                 hang_on_quit=False, *, mail_reply="250 2.1.0 ok",
+                 bdat_reply="250 2.0.0 chunk ok"):
         self.greeting = greeting
         self.mail_reply = mail_reply
+        self.bdat_reply = bdat_reply
         self.commands = []          # every command line received, as sent (without CRLF)
+        self.raw_commands = []      # the same, as bytes
+        self.chunks = []            # (BDAT command line, its octets), in order
         self.ehlo_flood = ehlo_flood
         self.dribble = 0.1 if dribble is True else dribble
         self.hang_on_quit = hang_on_quit
@@ -100,6 +118,7 @@ class FakeMXHandler(socketserver.StreamRequestHandler):
             return
         self.send(server.greeting)
         mail_from, rcpt_to = None, []
+        self.text = b""                     # the BDAT chunks of this transaction so far
         while True:
             line = self.rfile.readline(1024)
             if not line:
@@ -107,6 +126,7 @@ class FakeMXHandler(socketserver.StreamRequestHandler):
             command = line.decode("utf-8", "replace").rstrip("\r\n")
             with server.lock:
                 server.commands.append(command)
+                server.raw_commands.append(line.rstrip(b"\r\n"))
             verb = command[:4].upper()
             if verb == "EHLO" and server.ehlo_flood:
                 self.flood_forever()
@@ -135,6 +155,9 @@ class FakeMXHandler(socketserver.StreamRequestHandler):
                     with server.lock:
                         server.messages.append((mail_from, rcpt_to, data))
                     server.received.release()
+            elif verb == "BDAT":
+                if not self.read_chunk(command, mail_from, rcpt_to):
+                    return
             elif verb == "STAR":                    # STARTTLS, but no TLS follows
                 self.send("220 2.0.0 go ahead")
             elif verb == "QUIT":
@@ -146,6 +169,29 @@ class FakeMXHandler(socketserver.StreamRequestHandler):
                 return
             else:
                 self.send("250 2.0.0 ok")
+
+    def read_chunk(self, command, mail_from, rcpt_to):
+        """One BDAT chunk (RFC 3030 2): exactly its octets, then its reply. False when the
+        client went away."""
+        server = self.server
+        words = command.split()
+        size, last = int(words[1]), words[-1].upper() == "LAST"
+        octets = self.rfile.read(size)
+        if len(octets) < size:
+            return False
+        with server.lock:
+            server.chunks.append((command, octets))
+            self.text += octets
+        if not last:
+            self.send(server.bdat_reply)
+            return True
+        text, self.text = self.text, b""
+        self.send(server.data_reply)
+        if server.data_reply.startswith("2"):
+            with server.lock:
+                server.messages.append((mail_from, rcpt_to, text))
+            server.received.release()
+        return True
 
     def flood_forever(self):
         """An EHLO reply that never ends: `250-` lines until the client leaves or stop()."""

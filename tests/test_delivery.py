@@ -1,10 +1,11 @@
-"""delivery.py: the per-message record, its one `apply`, bounces owed, strict JSON."""
+"""delivery.py: the per-message record, its one `apply`, notices owed, strict JSON."""
 import copy
 import json
 
 import pytest
 
-from delivery import (Bounce, DeliveryRecord, Outcome, RecordError, RetryPolicy, Status,
+import dsn
+from delivery import (DeliveryRecord, NoticeState, Outcome, RecordError, RetryPolicy, Status,
                       describe)
 from tests.queue_world import make_spool, write_spool
 
@@ -65,24 +66,24 @@ def test_a_final_answer_is_never_changed(message):
 def test_a_failure_owes_a_bounce_until_it_is_sent(message):
     record = new_record(message)
     record.apply({BOB: Outcome(Status.FAILED, "550 5.1.1 no such user", "127.0.0.2:25")}, NOW)
-    assert list(record.owed()) == [BOB]
-    assert record.bounce_due(NOW)
+    assert list(record.owed()) == [BOB] and record.owed_actions() == [dsn.FAILED]
+    assert record.notices_due(NOW)
     assert not record.finished                      # carol pending
     record.apply({CAROL: Outcome(Status.DONE, "250 ok")}, NOW)
     assert not record.finished                      # the bounce is still owed
-    assert record.bounce_failed("OSError: disk full", NOW) == 60
-    assert not record.bounce_due(NOW + 59) and record.bounce_due(NOW + 60)
-    assert record.bounce_due(NOW + 1, forced=True)
+    assert record.notices_failed("OSError: disk full", NOW) == 60
+    assert not record.notices_due(NOW + 59) and record.notices_due(NOW + 60)
+    assert record.notices_due(NOW + 1, forced=True)
     assert record.next_due() == NOW + 60
-    record.bounce_sent([BOB])
-    assert record.recipients[BOB].bounce is Bounce.SENT
+    record.notices_sent(dsn.FAILED, [BOB])
+    assert record.recipients[BOB].notices == {dsn.FAILED: NoticeState.SENT}
     assert record.owed() == {} and record.finished and record.next_due() is None
 
 
 def test_a_later_failure_gets_its_own_bounce(message):
     record = new_record(message)
     record.apply({BOB: Outcome(Status.FAILED, "550 no")}, NOW)
-    record.bounce_sent(record.owed())
+    record.notices_sent(dsn.FAILED, record.owed())
     record.apply({CAROL: Outcome(Status.FAILED, "554 no")}, NOW + 5)
     assert list(record.owed()) == [CAROL]
 
@@ -90,7 +91,7 @@ def test_a_later_failure_gets_its_own_bounce(message):
 def test_no_bounce_for_the_null_sender(spool):
     record = new_record(spool.read(write_spool(spool, [BOB], sender="")))
     record.apply({BOB: Outcome(Status.FAILED, "550 no")}, NOW)
-    assert record.recipients[BOB].bounce is Bounce.NONE
+    assert record.recipients[BOB].notices == {}
     assert record.finished
 
 
@@ -101,7 +102,7 @@ def test_giving_up_after_max_queue_age(message):
     changed = record.apply({BOB: Outcome(Status.PENDING, "451 4.3.0 busy")}, NOW + 3600)
     assert [(key, gave_up) for key, _, gave_up in changed] == [(BOB, True)]
     state = record.recipients[BOB]
-    assert state.status is Status.FAILED and state.bounce is Bounce.OWED
+    assert state.status is Status.FAILED and state.notices == {dsn.FAILED: NoticeState.OWED}
     assert state.last_error.startswith("451 4.3.0 busy (gave up: in the queue since ")
 
 
@@ -114,13 +115,14 @@ def test_a_long_reply_is_kept_short(message):
 def test_json_round_trip(message):
     record = new_record(message)
     record.apply({BOB: Outcome(Status.FAILED, "550 no", "127.0.0.2:25")}, NOW)
-    record.bounce_failed("OSError: full", NOW)
+    record.notices_failed("OSError: full", NOW)
     data = json.loads(json.dumps(record.to_json()))
+    assert data["version"] == 2 and data["recipients"][BOB]["notices"] == {"failed": "owed"}
     again = DeliveryRecord.from_json(data, message, POLICY)
     assert again.to_json() == record.to_json()
     assert again.recipients[BOB].status is Status.FAILED
-    assert again.recipients[BOB].bounce is Bounce.OWED
-    assert again.bounce.attempts == 1
+    assert again.recipients[BOB].notices == {dsn.FAILED: NoticeState.OWED}
+    assert again.notice_retry.attempts == 1
 
 
 def saved(message):
@@ -151,17 +153,22 @@ def changed_copy(data, path, value):
     (("recipients", BOB, "next_attempt"), float("nan"), "not a time"),
     (("recipients", BOB, "last_error"), 451, "last_error is 451"),
     (("recipients", BOB, "status"), "weird", "status is 'weird', not one of"),
-    (("recipients", BOB, "bounce"), "maybe", "bounce is 'maybe'"),
-    (("recipients", BOB, "bounce"), "owed", "bounce 'owed' but status 'pending'"),
+    (("recipients", BOB, "notices"), [], "notices is a list, not an object"),
+    (("recipients", BOB, "notices"), {"failed": "maybe"}, "failed is 'maybe'"),
+    (("recipients", BOB, "notices"), {"failed": "owed"}, "failed notice 'owed' but status "
+                                                         "'pending'"),
+    (("recipients", BOB, "notices"), {"relayed": "sent"}, "relayed notice 'sent' but status"),
+    (("recipients", BOB, "notices"), {"expanded": "sent"}, "a notice 'expanded', not one of"),
+    (("recipients", BOB, "bounce"), "none", "unknown field 'bounce'"),
     (("recipients", BOB, "colour"), "blue", "unknown field 'colour'"),
     (("recipients", BOB), [], "a list, not an object"),
     (("recipients",), {}, "recipients: none"),
     (("recipients", "dave@remote.test"), None, "dave@remote.test: null, not an object"),
-    (("bounce",), None, "bounce: null"),
-    (("bounce", "attempts"), ..., "bounce: 'attempts' is missing"),
+    (("notices",), None, "notices: null"),
+    (("notices", "attempts"), ..., "notices: 'attempts' is missing"),
     (("created",), "yesterday", "created is a string"),
     (("queue_id",), "someone-else", "queue_id 'someone-else' is not this message's"),
-    (("version",), 2, "version: 2"),
+    (("version",), 3, "version: 3, not 1 or 2"),
     (("extra",), 1, "unknown field 'extra'"),
 ])
 def test_a_bad_record_is_refused_with_its_reason(message, path, value, reason):
@@ -205,7 +212,8 @@ def test_a_record_of_the_earlier_format_is_read(message):
         CAROL: {"status": "pending", "attempts": 2, "next_attempt": NOW + 60,
                 "last_error": "451 busy"}}}
     record = DeliveryRecord.from_json(old, message, POLICY)
-    assert record.recipients[BOB].bounce is Bounce.SENT and record.owed() == {}
+    assert record.recipients[BOB].notices == {dsn.FAILED: NoticeState.SENT}
+    assert record.owed() == {}
     assert record.recipients[CAROL].attempts == 2
     assert record.due(NOW + 60) == [CAROL]
     with pytest.raises(RecordError, match="unknown field 'bounce'"):
@@ -221,3 +229,114 @@ def test_describe_for_the_listing(message):
         "pending, 1 attempt(s), next in 60s, last error: 451 busy")
     assert describe(record.recipients[CAROL], NOW) == (
         "failed, 1 attempt(s), last error: 550 no, bounce owed")
+
+
+def version_1(message):
+    """A record as the relay wrote it in format version 1: one bounce per recipient."""
+    return {"version": 1, "queue_id": message.queue_id, "created": NOW, "recipients": {
+        BOB: {"status": "failed", "attempts": 1, "next_attempt": 0.0, "last_attempt": NOW,
+              "last_error": "550 no", "remote": "127.0.0.2:25", "bounce": "owed"},
+        CAROL: {"status": "done", "attempts": 1, "next_attempt": 0.0, "last_attempt": NOW,
+                "last_error": "", "remote": "127.0.0.2:25", "bounce": "none"}},
+        "bounce": {"attempts": 2, "next_attempt": NOW + 300, "last_error": "OSError: full"}}
+
+
+def test_a_record_of_version_1_is_read(message):
+    record = DeliveryRecord.from_json(version_1(message), message, POLICY)
+    assert record.recipients[BOB].notices == {dsn.FAILED: NoticeState.OWED}
+    assert record.recipients[CAROL].notices == {}
+    assert (record.notice_retry.attempts, record.notice_retry.next_attempt) == (2, NOW + 300)
+    assert record.to_json()["version"] == 2            # written back in the new format
+    owed_for_carol = changed_copy(version_1(message), ("recipients", CAROL, "bounce"), "owed")
+    with pytest.raises(RecordError, match="failed notice 'owed' but status 'done'"):
+        DeliveryRecord.from_json(owed_for_carol, message, POLICY)
+    with pytest.raises(RecordError, match="bounce is 'maybe'"):
+        DeliveryRecord.from_json(changed_copy(version_1(message),
+                                              ("recipients", BOB, "bounce"), "maybe"),
+                                 message, POLICY)
+
+
+WARNING_POLICY = RetryPolicy((60,), 3600 * 24, delay_warning=600)
+
+
+def notify_message(spool, notify):
+    """A message to BOB with NOTIFY=`notify` (None: absent) and CAROL without NOTIFY."""
+    bob = (BOB, {"NOTIFY": notify}) if notify else BOB
+    return spool.read(write_spool(spool, [bob, CAROL], created=NOW))
+
+
+@pytest.mark.parametrize("notify, warned", [(None, True), ("DELAY", True),
+                                            ("FAILURE,DELAY", True), ("FAILURE", False),
+                                            ("NEVER", False)])
+def test_a_delayed_notice_is_owed_once_after_the_warning_time(spool, notify, warned):
+    record = DeliveryRecord.new(notify_message(spool, notify), WARNING_POLICY)
+    busy = Outcome(Status.PENDING, "451 4.3.0 busy")
+    record.apply({BOB: busy}, NOW + 599)
+    assert record.owed() == {}                          # not late yet
+    record.apply({BOB: busy}, NOW + 600)
+    assert (BOB in record.owed(dsn.DELAYED)) is warned
+    if warned:
+        record.notices_sent(dsn.DELAYED, [BOB])
+    record.apply({BOB: busy}, NOW + 1200)
+    assert record.owed() == {}                          # never twice
+    assert record.recipients[BOB].notices == ({dsn.DELAYED: NoticeState.SENT} if warned else {})
+
+
+def test_no_delayed_notice_when_the_warning_is_off(spool):
+    record = DeliveryRecord.new(notify_message(spool, None),
+                                WARNING_POLICY._replace(delay_warning=0))
+    record.apply({BOB: Outcome(Status.PENDING, "451 busy")}, NOW + 80000)
+    assert record.recipients[BOB].status is Status.PENDING and record.owed() == {}
+
+
+def test_a_delayed_notice_still_owed_gives_way_to_the_final_answer(spool):
+    record = DeliveryRecord.new(notify_message(spool, None), WARNING_POLICY)
+    record.apply({BOB: Outcome(Status.PENDING, "451 busy")}, NOW + 700)
+    assert record.owed_actions() == [dsn.DELAYED]
+    record.apply({BOB: Outcome(Status.DONE, "250 ok")}, NOW + 800)
+    assert record.recipients[BOB].notices == {} and record.owed() == {}
+
+
+@pytest.mark.parametrize("notify, passed_on, owed", [
+    ("SUCCESS", False, True), ("SUCCESS,FAILURE", False, True), ("SUCCESS", True, False),
+    (None, False, False), ("FAILURE", False, False)])
+def test_a_relayed_notice_when_the_next_hop_cannot_pass_notify_on(spool, notify, passed_on,
+                                                                  owed):
+    record = DeliveryRecord.new(notify_message(spool, notify), POLICY)
+    record.apply({BOB: Outcome(Status.DONE, "250 ok", "127.0.0.2:25", passed_on)}, NOW)
+    assert record.recipients[BOB].status is Status.DONE
+    assert record.owed_actions() == ([dsn.RELAYED] if owed else [])
+
+
+def test_notify_never_fails_without_a_bounce(spool):
+    record = DeliveryRecord.new(notify_message(spool, "NEVER"), POLICY)
+    record.apply({BOB: Outcome(Status.FAILED, "550 no"), CAROL: Outcome(Status.DONE, "250")},
+                 NOW)
+    assert record.recipients[BOB].status is Status.FAILED
+    assert record.owed() == {} and record.finished
+
+
+def test_a_delayed_notice_owed_beside_a_final_status_is_refused(spool):
+    message = notify_message(spool, None)
+    data = DeliveryRecord.new(message, POLICY).to_json()
+    data["recipients"][BOB].update(status="done", notices={"delayed": "owed"})
+    with pytest.raises(RecordError, match="delayed notice 'owed' but status 'done'"):
+        DeliveryRecord.from_json(data, message, POLICY)
+    data["recipients"][BOB]["notices"] = {"delayed": "sent", "relayed": "owed"}
+    assert DeliveryRecord.from_json(data, message, POLICY).owed_actions() == [dsn.RELAYED]
+
+
+def test_a_spool_file_with_a_bad_notify_is_a_record_error(spool):
+    message = spool.read(write_spool(spool, [(BOB, {"NOTIFY": "SOMETIMES"})]))
+    with pytest.raises(RecordError, match="recipient bob@remote.test in the spool file: "
+                                          "NOTIFY=SOMETIMES"):
+        DeliveryRecord.new(message, POLICY)
+
+
+def test_describe_names_every_notice(spool):
+    record = DeliveryRecord.new(notify_message(spool, "SUCCESS,DELAY"), WARNING_POLICY)
+    record.apply({BOB: Outcome(Status.PENDING, "451 busy")}, NOW + 700)
+    record.notices_sent(dsn.DELAYED, [BOB])
+    record.apply({BOB: Outcome(Status.DONE, "250 ok")}, NOW + 800)
+    assert describe(record.recipients[BOB], NOW) == (
+        "done, 2 attempt(s), delay notice sent, relayed notice owed")

@@ -181,7 +181,7 @@ def test_a_550_bounces_once_and_the_mx_is_never_asked_again(world, spool, start_
     assert submit.wait_for(1)
     settle(runner)
     assert state_of(spool, name, BOB)["status"] == "failed"
-    assert state_of(spool, name, BOB)["bounce"] == "sent"
+    assert state_of(spool, name, BOB)["notices"] == {"failed": "sent"}
     fields = delivery_status(submit.report())[1]
     assert fields["Status"] == "5.1.1" and fields["Final-Recipient"] == f"rfc822; {BOB}"
     runner.wait_for_one_pass(runner.flush(), timeout=20)      # as --flush does
@@ -204,12 +204,12 @@ def test_a_bounce_that_cannot_be_stored_is_retried_alone(world, spool, start_run
     for number, failed_tries in ((1, 0), (2, 1), (3, 2)):
         record = saved_before[number]
         assert record["recipients"][BOB]["status"] == "failed"      # recorded first
-        assert record["recipients"][BOB]["bounce"] == "owed"
-        assert record["bounce"]["attempts"] == failed_tries
+        assert record["recipients"][BOB]["notices"] == {"failed": "owed"}
+        assert record["notices"]["attempts"] == failed_tries
     assert submit.calls == 3 and len(submit.submitted) == 1
     assert mx.sessions == 1 and [l for l in mx.commands if l.startswith("RCPT")] == [
         f"RCPT TO:<{BOB}>"]
-    assert log_text(tmp_path).count("cannot send the bounce for <bob@remote.test>") == 2
+    assert log_text(tmp_path).count("cannot send the failed notice for <bob@remote.test>") == 2
     assert spool.names() == []
 
 
@@ -402,7 +402,7 @@ def test_the_listing_shows_states_and_the_bounce_owed(world, spool, start_runner
                                  "last error: 450 4.2.1 later")
     assert listing[2] == (f"    <{CAROL}>  failed, 1 attempt(s), last error: "
                           "550 5.1.1 no such user, bounce owed")
-    assert listing[3].startswith("    bounce: 1 failed attempt(s), next in 59m, "
+    assert listing[3].startswith("    notices: 1 failed attempt(s), next in 59m, "
                                  "last error: OSError: ")
     assert listing[-1] == "-- 1 message(s) in the queue"
 
@@ -465,3 +465,138 @@ def test_a_failure_at_the_end_of_a_pass_is_retried_not_stuck(world, spool, start
     assert failures == [name] and spool.names() == []
     assert len(mx.messages) == 1 and mx.sessions == 1
     assert "the end of a delivery attempt failed" in log_text(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# What the next hop lacks, and the notices of RFC 3461
+
+
+def returned(report):
+    return list(report.iter_parts())[2]
+
+
+@pytest.mark.parametrize("recipient, text, parameters, status", [
+    ("jörg@remote.test", TEXT, {"SMTPUTF8": None}, "5.6.7"),
+    (BOB, b"Subject: x\r\n\r\n8-bit \xff\r\n", {"BODY": "8BITMIME"}, "5.6.3")],
+    ids=["smtputf8", "8bitmime"])
+def test_a_message_no_host_can_take_bounces(world, spool, start_runner, recipient, text,
+                                            parameters, status):
+    world.resolve(ONE_MX)
+    mx = world.mx("127.0.0.2", ehlo=("250-fake.mx", "250 PIPELINING"))
+    submit = RecordingSubmit()
+    write_spool(spool, [recipient], text=text, parameters=parameters)
+    settle(start_runner(submit))
+    fields = delivery_status(submit.report())[1]
+    assert fields["Action"] == "failed" and fields["Status"] == status
+    assert not mx.messages and spool.names() == []
+
+
+def test_notify_never_fails_without_a_bounce(world, spool, start_runner, monkeypatch,
+                                            tmp_path):
+    world.resolve(ONE_MX)
+    world.mx("127.0.0.2", rcpt=["550 5.1.1 no such user"])
+    records_at_removal = []
+    real_remove = Spool.remove
+
+    def remove(self, name):
+        records_at_removal.append(self.read_state(name))
+        return real_remove(self, name)
+
+    monkeypatch.setattr(Spool, "remove", remove)
+    submit = RecordingSubmit()
+    write_spool(spool, [(BOB, {"NOTIFY": "NEVER"})])
+    settle(start_runner(submit))
+    assert submit.calls == 0 and spool.names() == []
+    assert records_at_removal[0]["recipients"][BOB]["status"] == "failed"
+    assert records_at_removal[0]["recipients"][BOB]["notices"] == {}
+    assert "not bounced: its NOTIFY does not ask for failures (RFC 3461 4.1)" in \
+        log_text(tmp_path)
+
+
+def test_ret_full_bounces_the_whole_message_with_envid_and_orcpt(world, spool, start_runner):
+    world.resolve(ONE_MX)
+    world.mx("127.0.0.2", rcpt=["550 5.1.1 no such user"])
+    submit = RecordingSubmit()
+    text = b"Subject: whole\r\n\r\n.a dot line\r\nthe body\r\n"
+    write_spool(spool, [(BOB, {"ORCPT": "rfc822;bob@remote.test"})], text=text,
+                parameters={"RET": "FULL", "ENVID": "QQ314159"})
+    settle(start_runner(submit))
+    report = submit.report()
+    per_message, fields = delivery_status(report)
+    assert per_message["Original-Envelope-Id"] == "QQ314159"
+    assert fields["Original-Recipient"] == "rfc822;bob@remote.test"
+    assert returned(report).get_content_type() == "message/rfc822"
+    assert b"\r\n\r\n" + text + b"\r\n--" in submit.submitted[0][1]
+
+
+@pytest.mark.parametrize("ehlo, notices", [
+    (("250-fake.mx", "250 PIPELINING"), 1),
+    (("250-fake.mx", "250-DSN", "250 PIPELINING"), 0)], ids=["no-dsn", "dsn"])
+def test_success_relayed_to_a_hop_without_dsn_sends_a_relayed_notice(world, spool,
+                                                                     start_runner, ehlo,
+                                                                     notices):
+    world.resolve(ONE_MX)
+    mx = world.mx("127.0.0.2", ehlo=ehlo)
+    submit = RecordingSubmit()
+    name = write_spool(spool, [(BOB, {"NOTIFY": "SUCCESS"}), CAROL])
+    settle(start_runner(submit))
+    assert len(mx.messages) == 1 and spool.names() == []
+    assert len(submit.submitted) == notices
+    rcpt = [line for line in mx.commands if line.startswith("RCPT")][0]
+    assert rcpt == f"RCPT TO:<{BOB}>" + (" NOTIFY=SUCCESS" if not notices else "")
+    if notices:
+        report = submit.report()
+        assert report["Subject"] == "Successful Mail Delivery Report"
+        per_message, fields = delivery_status(report)[0], delivery_status(report)[1:]
+        assert per_message["X-Queue-ID"] == name.partition("-")[2]
+        assert [(block["Final-Recipient"], block["Action"], block["Status"])
+                for block in fields] == [(f"rfc822; {BOB}", "relayed", "2.0.0")]
+        assert returned(report).get_content_type() == "text/rfc822-headers"
+
+
+def test_a_relayed_notice_that_cannot_be_stored_is_retried_alone(world, spool, start_runner):
+    world.resolve(ONE_MX)
+    mx = world.mx("127.0.0.2")
+    submit = RecordingSubmit(failures=1)
+    write_spool(spool, [(BOB, {"NOTIFY": "SUCCESS"})])
+    runner = start_runner(submit)
+    assert submit.wait_for(1)
+    settle(runner)
+    assert submit.calls == 2 and len(submit.submitted) == 1
+    assert mx.sessions == 1 and len(mx.messages) == 1       # the message went once
+    assert spool.names() == []
+
+
+@pytest.mark.parametrize("notify, warned", [(None, True), ("DELAY", True),
+                                            ("FAILURE", False)])
+def test_a_delayed_notice_once_after_delay_warning(world, spool, start_runner, notify,
+                                                   warned):
+    world.resolve(ONE_MX)
+    mx = world.mx("127.0.0.2", rcpt=["451 4.3.0 busy"])
+    submit = RecordingSubmit()
+    bob = (BOB, {"NOTIFY": notify}) if notify else BOB
+    name = write_spool(spool, [bob], created=time.time() - 120)
+    runner = start_runner(submit, **{"relay.delay_warning": "60", "relay.retry": "3600"})
+    settle(runner)
+    runner.wait_for_one_pass(runner.flush(), timeout=20)      # a second attempt
+    assert mx.sessions == 2
+    assert len(submit.submitted) == (1 if warned else 0)     # never twice
+    state = state_of(spool, name, BOB)
+    assert state["status"] == "pending"
+    assert state["notices"] == ({"delayed": "sent"} if warned else {})
+    if warned:
+        report = submit.report()
+        assert report["Subject"] == "Delayed Mail (still being retried)"
+        fields = delivery_status(report)[1]
+        assert (fields["Action"], fields["Status"]) == ("delayed", "4.3.0")
+        assert fields["Will-Retry-Until"] is not None
+        assert fields["Diagnostic-Code"] == "smtp; 451 4.3.0 busy"
+
+
+def test_no_delayed_notice_before_delay_warning(world, spool, start_runner):
+    world.resolve(ONE_MX)
+    mx = world.mx("127.0.0.2", rcpt=["451 4.3.0 busy"])
+    submit = RecordingSubmit()
+    write_spool(spool, [BOB], created=time.time() - 120)
+    settle(start_runner(submit, **{"relay.delay_warning": "3600", "relay.retry": "3600"}))
+    assert mx.sessions == 1 and submit.calls == 0

@@ -149,6 +149,7 @@ PRELOADED = textwrap.dedent("""
     import json, sys
     import bounce, config, resolver
     from address import Address
+    from envelope import Envelope, Recipient
     resolver.preload()
     bounce.preload()
     refused = []
@@ -169,11 +170,18 @@ PRELOADED = textwrap.dedent("""
             lookups[domain] = [list(hop) for hop in the_resolver.next_hops(domain)]
         except resolver.DeliveryError as error:
             lookups[domain] = error.reply
-    failure = bounce.Failure("bob@remote.test", "550 5.1.1 no", "127.0.0.2:25", 0.0)
-    dsn = bounce.build_dsn("mail.test.ru", "id", 0.0, Address("alice", "test.ru"),
-                           bounce.original_headers(b"Subject: \\xd0\\xbf\\r\\n\\r\\n"),
-                           [failure], 0.0)
-    print(json.dumps({"refused": refused, "lookups": lookups, "dsn": len(dsn)}))
+    sizes = []
+    for sender in (Address("alice", "test.ru"), Address("j\\u00f6rg", "test.ru")):
+        bob = Recipient(Address("bob", "remote.test"), {"ORCPT": "rfc822;bob@remote.test"})
+        envelope = Envelope(sender, "client.example", None, {"RET": "FULL", "ENVID": "x"},
+                            [bob], "id")
+        notices = [bounce.Notice.from_reply(bob, action, "550 5.1.1 no", "127.0.0.2:25",
+                                            1.0, 2.0) for action in bounce.SEVERITY]
+        text = b"Subject: \\xd0\\xbf\\r\\n\\r\\nbody \\xd0\\xbf\\r\\n"
+        for whole in (None, text):
+            sizes.append(len(bounce.build_dsn("mail.test.ru", envelope, notices, text, whole,
+                                              0.0, 0.0)))
+    print(json.dumps({"refused": refused, "lookups": lookups, "dsn": min(sizes)}))
 """)
 
 
