@@ -206,7 +206,7 @@ def parse_parameters(text):
     for item in text.split():
         keyword, equals, value = item.partition("=")
         if not ESMTP_KEYWORD.fullmatch(keyword) or (equals and not ESMTP_VALUE.fullmatch(value)):
-            raise AddressError(f"bad parameter {item!r}")
+            raise AddressError(f"bad parameter {ascii(item)}")
         parameters[keyword.upper()] = value if equals else None
     return parameters
 

@@ -174,6 +174,24 @@ class Connection:
                 reported = received
 
 
+    def read_chunk(self, octets, text):
+        """Exactly `octets` octets of a BDAT chunk (RFC 3030 2) into `text` (a ChunkedText),
+        or dropped when `text` is None; True when they have come, False when the client has
+        gone. Raises ClientTooSlow."""
+        data_deadline = (time.monotonic() + self.data_timeout, replies.DATA_TIMEOUT)
+        while octets:
+            if not self.buffer:
+                self.buffer = self._receive((self._idle(), data_deadline,
+                                             self._whole_session()))
+                if not self.buffer:
+                    return False
+            piece, self.buffer = self.buffer[:octets], self.buffer[octets:]
+            octets -= len(piece)
+            if text is not None:
+                text.feed(piece)
+        return True
+
+
 def _timeval(seconds):
     """A struct timeval for SO_RCVTIMEO / SO_SNDTIMEO."""
     seconds = max(seconds, 0.001)           # zero would mean "wait forever"

@@ -57,9 +57,9 @@ def start_service(config, make_server):
     try:
         account = drop_privileges(config, log, created)
         check_access(config)
+        log.open_file(log_path(config))
         if account:
             log.info("running as %s (uid %d)", account.pw_name, account.pw_uid)
-        log.open_file(log_path(config))
         server.system.remove_leftovers(started)
         return server.start()
     except BaseException:

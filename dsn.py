@@ -55,6 +55,8 @@ def check_mail_parameter(keyword, value):
 
 def check_rcpt_parameter(keyword, value):
     """NOTIFY= or ORCPT= (RFC 3461 4.1, 4.2); raises ParameterError."""
+    if value is None:
+        raise ParameterError(f"{keyword} needs a value")
     if keyword == "NOTIFY":
         notify_of(value)
     elif keyword == "ORCPT":

@@ -2,7 +2,9 @@
 diagram (`python smtpd.py --fsm`) and the --trace lines beside the dialogue.
 """
 import replies
-from state import AUTH_RESPONSE, CLOSED, END_OF_DATA, START, STAY, TRANSITIONS
+from replies import Next
+from state import (AUTH_RESPONSE, CLOSED, END_OF_CHUNK, END_OF_DATA, END_OF_LAST_CHUNK, START,
+                   STAY, TRANSITIONS)
 
 # The reply each cell gives when it goes well (2xx) or asks for more (3xx), for --fsm
 SUCCESS_REPLIES = {
@@ -11,11 +13,15 @@ SUCCESS_REPLIES = {
     "VRFY": replies.CANNOT_VRFY, "HELP": replies.HELP, "QUIT": replies.CLOSING,
     "STARTTLS": replies.READY_FOR_TLS, "AUTH": replies.AUTH_OK, END_OF_DATA: replies.QUEUED,
     AUTH_RESPONSE: replies.AUTH_OK, "EXPN": replies.NO_EXPN,
+    END_OF_CHUNK: replies.CHUNK_OK, END_OF_LAST_CHUNK: replies.QUEUED,
 }
 WAITING_REPLIES = {"DATA": replies.START_DATA, "AUTH": replies.AUTH_CHALLENGE,
                    AUTH_RESPONSE: replies.AUTH_CHALLENGE}
+# The verbs whose octets come before their reply (RFC 3030 2): the edge says so
+READ_FIRST = {"BDAT": "its octets"}
 # Mermaid and Graphviz labels cannot hold "<"; the pseudo-verbs get plain names
-EDGE_NAMES = {END_OF_DATA: "CRLF.CRLF", AUTH_RESPONSE: "SASL response"}
+EDGE_NAMES = {END_OF_DATA: "CRLF.CRLF", AUTH_RESPONSE: "SASL response",
+              END_OF_CHUNK: "chunk", END_OF_LAST_CHUNK: "LAST chunk"}
 
 
 def edges():
@@ -36,6 +42,8 @@ def _moves(verb, rule):
         yield str(SUCCESS_REPLIES[verb].code), rule.success
     if verb in WAITING_REPLIES:
         yield str(WAITING_REPLIES[verb].code), rule.waiting
+    if verb in READ_FIRST:
+        yield READ_FIRST[verb], rule.waiting
     if rule.failure is not STAY:
         yield "4xx/5xx", rule.failure
 
@@ -66,6 +74,9 @@ def framing_notes(text):
 
 def describe(session, reply):
     """One --trace line for a reply: the state change and the rule behind it."""
+    if reply.then is Next.CHUNK:
+        return (f"[{session.transition.old} -> {session.transition.new}] BDAT: reading "
+                f"{reply.octets} octets before the reply (RFC 3030 2)")
     outcome = "accepted" if reply.code < 300 else \
         "waiting for more" if reply.code < 400 else "refused"
     transition = session.transition

@@ -10,9 +10,12 @@ protocol `Policy`; the bounce builder and anything else that makes mail call `su
 """
 import secrets
 import ssl
+import time
 
+import dsn
 import queuerunner
 import state
+from bounce import Notice
 from config import ConfigError
 from routing import Router
 from spool import Spool
@@ -91,9 +94,10 @@ class MailSystem:
             self.log.error("[%s] cannot store a message: %s", envelope.queue_id, problem)
             raise
 
-    def submit(self, draft):
+    def submit(self, draft, headers=b""):
         """Make the message durable (RFC 5321 6.1), then tell the queue about its remote
-        recipients. Raises StorageError, logged here once."""
+        recipients. `headers` is the message's header block (for a notice to the sender).
+        Raises StorageError, logged here once."""
         try:
             spool_name = draft.commit()
         except StorageError as problem:
@@ -102,7 +106,22 @@ class MailSystem:
             raise
         if spool_name and self.queue:
             self.queue.enqueue(spool_name)
+        self._notify_delivered(draft.envelope, headers)
         return spool_name
+
+    def _notify_delivered(self, envelope, headers):
+        """RFC 3461 4.1: a local recipient that asked NOTIFY=SUCCESS hears of its delivery
+        (bounce.Bouncer applies dsn.wants; a notice is never sent for <>)."""
+        if not self.queue or not any("NOTIFY" in recipient.parameters
+                                     for recipient in envelope.local_recipients):
+            return
+        notices = [Notice(recipient, dsn.DELIVERED, "2.0.0", "250 2.0.0 delivered to mailbox")
+                   for recipient in envelope.local_recipients]
+        try:
+            self.queue.bouncer.notify(envelope, notices, _with_line_end(headers), time.time())
+        except (OSError, StorageError) as problem:      # the mail itself is delivered
+            self.log.error("[%s] cannot send the delivered notice: %s", envelope.queue_id,
+                           problem)
 
     def submit_message(self, envelope, message):
         """Submit a message that is already whole in memory (a bounce): CRLF line ends, not
@@ -113,6 +132,11 @@ class MailSystem:
         draft = self.open_message(envelope)
         draft.write(message)
         return self.submit(draft)
+
+
+def _with_line_end(headers):
+    """The header block as a notice quotes it: CRLF after its last line."""
+    return headers if not headers or headers.endswith(b"\r\n") else headers + b"\r\n"
 
 
 def make_tls_context(config):

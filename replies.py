@@ -13,6 +13,7 @@ class Next(enum.Enum):
     TEXT = "read the message text"              # after 354 (RFC 5321 4.1.1.4)
     SASL = "read a SASL response"               # after 334 (RFC 4954 4)
     TLS = "start the TLS handshake"             # after 220 to STARTTLS (RFC 3207 4)
+    CHUNK = "read a BDAT chunk, then reply"     # RFC 3030 2: the octets come first
     CLOSE = "close the connection"              # after 221, and after every 421 (RFC 5321 3.8)
 
 
@@ -39,12 +40,21 @@ class Reply(NamedTuple):
                 for i, text in enumerate(texts)]
 
     def wire(self):
-        return "".join(line + "\r\n" for line in self.lines()).encode("ascii", "replace")
+        # UTF-8: a reply quotes an address only once it was accepted, and a non-ASCII one is
+        # accepted only in an SMTPUTF8 transaction (RFC 6531 3.7.4)
+        return "".join(line + "\r\n" for line in self.lines()).encode("utf-8")
 
 
 def quoted(word, limit=40):
     """A client's word as a reply may quote it: visible ASCII only, cut short."""
     return "".join(c for c in word if "!" <= c <= "~")[:limit] or "?"
+
+
+class ReadChunk(NamedTuple):
+    """Not a reply: BDAT announces `octets` of message text that come before its reply
+    (RFC 3030 2). The socket layer reads them into the session, then asks for the reply."""
+    octets: int
+    then: Next = Next.CHUNK
 
 
 # Short names for the `then` column below
@@ -87,11 +97,16 @@ BAD_SENDER = Reply(501, "5.1.7", "Bad sender address: {problem}", "RFC 5321 4.1.
 BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address: {problem}", "RFC 5321 4.1.2")
 BAD_PARAMETER = Reply(555, "5.5.4", "Parameter not recognised or not implemented: {parameter}",
                       "RFC 5321 4.1.1.11")
+BAD_PARAMETER_VALUE = Reply(501, "5.5.4", "Bad parameter: {problem}", "RFC 3461 4")
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "A non-ASCII address needs MAIL FROM:<...> SMTPUTF8",
+                       "RFC 6531 3.2")
 NO_SUCH_USER = Reply(550, "5.1.1", "<{address}>: no such mailbox here", "RFC 5321 3.6.2")
 RELAY_DENIED = Reply(554, "5.7.1", "<{address}>: relay access denied", "RFC 5321 3.6.2")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients", "RFC 5321 4.5.3.1.8")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>", "RFC 5321 4.1.1.4", TEXT)
 QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}", "RFC 5321 4.1.1.4")
+CHUNK_OK = Reply(250, "2.0.0", "{octets} octets received", "RFC 3030 2")
+BAD_CHUNK_SIZE = Reply(501, "5.5.4", "Syntax: BDAT <size> [LAST]", "RFC 3030 2")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message exceeds the size limit of {limit} octets",
                         "RFC 1870 6")
 LOOP_DETECTED = Reply(554, "5.4.6", "Too many Received headers: mail loop?", "RFC 5321 6.3")
@@ -112,7 +127,8 @@ UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognised: {verb}", "RFC 532
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long", "RFC 5321 4.5.3.1.4")
 TEXT_LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long in message text (limit 1000 octets)",
                            "RFC 5321 4.5.3.1.6")
-NOT_ASCII = Reply(500, "5.5.2", "Commands must be 7-bit ASCII", "RFC 5321 2.3.1")
+NOT_UTF8 = Reply(500, "5.5.2", "Commands must be ASCII, or UTF-8 with SMTPUTF8",
+                 "RFC 6531 3.3")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands: {verb} not allowed in {state}",
                      "RFC 5321 4.1.4")
 SYNTAX = Reply(501, "5.5.4", "Syntax: {syntax}", "RFC 5321 4.1.1")

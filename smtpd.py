@@ -12,7 +12,6 @@ or close. The protocol is in state.py, the shared parts (users, disk, queue) in 
 import collections
 import os
 import queue
-import re
 import selectors
 import signal
 import socket
@@ -35,7 +34,6 @@ from replies import Next
 from storage import StorageError
 from users import UsersFileError
 
-NOT_PRINTABLE = re.compile(rb"[^\x20-\x7e]")
 
 
 class SessionLog:
@@ -67,12 +65,12 @@ class SessionLog:
 
 
 def loggable(line):
-    """A command line as the log shows it: control bytes escaped (a stray CR must not forge
-    a log line), AUTH with its mechanism but never its credentials (RFC 4954 14)."""
-    if NOT_PRINTABLE.search(line):
-        text = "".join(chr(byte) if 0x20 <= byte <= 0x7e else f"\\x{byte:02x}" for byte in line)
-    else:
-        text = line.decode("ascii")
+    """A command line as the log shows it: UTF-8 as text (an SMTPUTF8 address), invalid octets
+    and control characters escaped (a stray CR must not forge a log line), AUTH with its
+    mechanism but never its credentials (RFC 4954 14)."""
+    text = line.decode("utf-8", "backslashreplace")
+    if not text.isprintable():
+        text = "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in text)
     verb, _, argument = text.partition(" ")
     if verb.upper() == "AUTH" and " " in argument.strip():
         return f"{verb} {argument.split()[0]} (credentials not logged)"
@@ -95,6 +93,7 @@ class SessionRunner:
                               format_peer(self.ip, self.port))
         self.connection = Connection(request, self.config, listener.shutdown_signal.wakeup,
                                      listener.system.log)
+        self.trace_after = None         # --trace: the line that follows the next reply
 
     def run(self):
         connection, log = self.connection, self.log
@@ -115,10 +114,16 @@ class SessionRunner:
             log.info("disconnected")
 
     def converse(self):
+        if self.listener.implicit_tls:          # RFC 8314 3.3: TLS from the first byte
+            self.connection.start_tls(self.listener.system.tls_context)
+            self.session.tls = True
         reply = state.greeting(self.session)
         while reply.then is not Next.CLOSE:
-            self.send(reply)
-            reply = self.next_reply(reply.then)
+            if reply.then is Next.CHUNK:        # BDAT: its octets come before its reply
+                reply = self.receive_chunk(reply.octets)
+            else:
+                self.send(reply)
+                reply = self.next_reply(reply.then)
             if reply is None:                   # the client has gone
                 return
         self.send(reply)
@@ -171,6 +176,15 @@ class SessionRunner:
                 self.log.trace(note)
         return self.run_step(state.receive_text)
 
+    def receive_chunk(self, octets):
+        """Read a BDAT chunk into the message (or drop it, when BDAT was refused) and return
+        its reply (RFC 3030 2)."""
+        if not self.connection.read_chunk(octets, self.session.text):
+            self.log.info("client left during BDAT; nothing stored")
+            return None
+        self.log.received(f"(BDAT chunk, {octets} octets)")
+        return self.run_step(state.receive_chunk)
+
     def run_step(self, step, *argument):
         """Run one protocol step; an unexpected error costs the transaction, not the session."""
         try:
@@ -179,8 +193,11 @@ class SessionRunner:
             self.log.error("error while handling a command; transaction discarded",
                            exc_info=True)
             reply = state.abort_transaction(self.session)
-        if self.config.trace:
-            self.log.trace(explain.describe(self.session, reply))
+        if self.config.trace:                   # logged after the reply line (send)
+            self.trace_after = explain.describe(self.session, reply)
+            if reply.then is Next.CHUNK:        # no reply line comes first
+                self.log.trace(self.trace_after)
+                self.trace_after = None
         return reply
 
     def start_tls(self):
@@ -200,6 +217,9 @@ class SessionRunner:
             self.connection.flush()
             time.sleep(reply.delay)
         self.log.sent(reply)
+        if self.trace_after:
+            self.log.trace(self.trace_after)
+            self.trace_after = None
         self.connection.send(reply.wire())
 
     def _flush_quietly(self):
@@ -282,16 +302,19 @@ class Admission:
 
 
 class Listener(socketserver.TCPServer):
-    """One listening socket: the SMTP port, or the submission port (RFC 6409), where AUTH
-    is required before MAIL. It accepts until `stop_accepting`, woken by an event."""
+    """One listening socket: the SMTP port; or the submission port (RFC 6409), where AUTH
+    is required before MAIL; or the submissions port (RFC 8314), the same under TLS from
+    the first byte. It accepts until `stop_accepting`, woken by an event."""
     allow_reuse_address = True
     request_queue_size = 4096       # a burst of connects waits in the kernel, not dropped
 
-    def __init__(self, system, admission, shutdown, port, auth_required=False):
+    def __init__(self, system, admission, shutdown, port, auth_required=False,
+                 implicit_tls=False):
         self.system = system
         self.admission = admission
         self.shutdown_signal = shutdown
         self.auth_required = auth_required
+        self.implicit_tls = implicit_tls
         self.policy = system.policy(auth_required)
         self.sessions = {}              # id(runner) -> runner, while its session lasts
         self.threads = SessionThreads(self.serve_client, keep_idle=256)
@@ -422,6 +445,14 @@ class Server:
             if config.submission_port:
                 self.listeners.append(Listener(self.system, admission, self.shutdown,
                                                config.submission_port, auth_required=True))
+            if config.submissions_port:
+                if self.system.tls_context is None:
+                    raise configuration.ConfigError(
+                        "[tls] submissions_port: needs [tls] cert and key (TLS from the "
+                        "first byte)")
+                self.listeners.append(Listener(self.system, admission, self.shutdown,
+                                               config.submissions_port, auth_required=True,
+                                               implicit_tls=True))
         except BaseException:
             self.close()
             raise
@@ -439,7 +470,8 @@ class Server:
                                       daemon=True)
             thread.start()
             self._threads.append(thread)
-            kind = "submission (AUTH required) " if listener.auth_required else ""
+            kind = "submissions (TLS, AUTH required) " if listener.implicit_tls else \
+                "submission (AUTH required) " if listener.auth_required else ""
             self.log.info("%slistening on %s", kind, format_peer(*listener.address))
         return self
 

@@ -1,4 +1,6 @@
-"""The SMTP protocol (RFC 5321) as data: the session, the transition table, the handlers.
+"""The SMTP protocol (RFC 5321) as data: the session, the transition table, the dispatcher,
+and the handlers of the session's own commands (those of the mail transaction, MAIL, RCPT,
+DATA and BDAT, are in transaction.py).
 
 No sockets and no disk here. `dispatch(session, line)` looks the verb up in
 TRANSITIONS[session.state], runs its handler, and moves to the state the table names for the
@@ -8,20 +10,19 @@ reply says what the connection does next (`Reply.then`: read a command, read the
 text, read a SASL line, start TLS, close), so the socket layer only does what it is told.
 What the protocol needs from outside (routing, the disk, passwords) is in `session.policy`.
 """
-import ipaddress
 import secrets
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
 import replies
 import sasl
+from envelope import Client, Envelope
+from replies import Next, ReadChunk
+from routing import Router
 from sasl import Exchange
-from address import AddressError, parse_parameters, parse_path, split_path_and_parameters
-from envelope import Client, Envelope, Recipient
-from replies import Next
-from routing import Destination, Router
-from storage import StorageError
-from text import MAX_RECEIVED_HEADERS, MessageText, received_header
+from transaction import (Chunk, address_literal, bdat, data, drop_transaction, end_of_chunk,
+                         end_of_data, end_of_last_chunk, mail, parse_chunk, rcpt)
+from verbs import VERBS
 
 # The states of a session (RFC 5321 3.3 and 4.1.4 describe the order of commands)
 START = "START"          # connected and greeted; waiting for HELO/EHLO
@@ -29,11 +30,15 @@ GREETED = "GREETED"      # HELO/EHLO done; no mail transaction
 MAIL = "MAIL"            # MAIL FROM accepted; waiting for RCPT TO
 RCPT = "RCPT"            # at least one recipient accepted; RCPT TO or DATA may follow
 DATA = "DATA"            # 354 sent; the message text is being read
+BDAT = "BDAT"            # a BDAT chunk's octets are being read (RFC 3030 2)
+CHUNKED = "CHUNKED"      # one or more chunks received; BDAT (or RSET) goes on
 AUTH = "AUTH"            # 334 sent; waiting for the client's SASL response (RFC 4954 4)
 CLOSED = "CLOSED"        # QUIT, or the server ended the session
 
 # Input that is not a command: the pseudo-verbs the table lists it under
 END_OF_DATA = "<CRLF>.<CRLF>"
+END_OF_CHUNK = "<BDAT chunk>"
+END_OF_LAST_CHUNK = "<BDAT LAST chunk>"
 AUTH_RESPONSE = "<SASL response>"
 
 # The longest line the socket layer reads, by what it is reading
@@ -88,7 +93,9 @@ class Session:
     rejected_recipients: int = 0        # their own budget (max_rejected_recipients)
     sasl: Optional[Exchange] = None     # an AUTH exchange under way
     envelope: Optional[Envelope] = None     # from MAIL until RSET, HELO or the end of data
-    text: Optional[MessageText] = None  # after 354: the socket layer feeds it the text
+    text: Optional[object] = None       # a MessageText (after 354) or ChunkedText (BDAT):
+                                        # the socket layer feeds it the text
+    chunk: Optional["Chunk"] = None     # the BDAT chunk announced and being read
     transition: Optional[Transition] = None     # the move the last command made
 
     @property
@@ -105,7 +112,7 @@ def restart_after_tls(session):
     (EHLO name, envelope, AUTH) is kept."""
     session.state, session.helo, session.esmtp, session.tls = START, None, False, True
     session.authenticated, session.sasl = None, None
-    _drop_transaction(session)
+    drop_transaction(session)
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,7 +133,7 @@ def _greet(session, argument, esmtp):
     # RFC 5321 4.1.1.1: the argument is the client's domain or address literal
     if not name or " " in name or not name.isprintable() or not name.isascii():
         return replies.HELO_NEEDS_DOMAIN.format(verb=verb)
-    _drop_transaction(session)      # RFC 5321 4.1.4: HELO/EHLO resets the transaction
+    drop_transaction(session)      # RFC 5321 4.1.4: HELO/EHLO resets the transaction
     session.helo, session.esmtp = name, esmtp
     hostname = session.policy.hostname
     if not esmtp:
@@ -143,6 +150,10 @@ def extensions(session):
         "8BITMIME",                                     # RFC 6152
         "PIPELINING",                                   # RFC 2920
         "ENHANCEDSTATUSCODES",                          # RFC 2034
+        "SMTPUTF8",                                     # RFC 6531
+        "DSN",                                          # RFC 3461
+        "CHUNKING",                                     # RFC 3030
+        f"LIMITS RCPTMAX={policy.max_recipients}",      # RFC 9422
         "HELP",                                         # RFC 5321 4.1.1.8
     ]
     if policy.tls_available and not session.tls:
@@ -150,151 +161,6 @@ def extensions(session):
     if sasl.offered(session):
         keywords.append("AUTH PLAIN LOGIN")             # RFC 4954, RFC 4616
     return keywords
-
-
-def mail(session, argument):
-    if session.policy.auth_required and not session.authenticated:
-        return replies.AUTH_REQUIRED        # RFC 6409 4.3: submission needs AUTH
-    path_text = _after_keyword(argument, "FROM:")
-    if path_text is None:
-        return replies.SYNTAX.format(syntax=VERBS["MAIL"].syntax)
-    path_text, parameter_text = split_path_and_parameters(path_text)
-    try:
-        reverse_path = parse_path(path_text, allow_null=True)
-        parameters = parse_parameters(parameter_text)
-    except AddressError as problem:
-        return replies.BAD_SENDER.format(problem=problem)
-    refusal = _check_mail_parameters(session, parameters)
-    if refusal:
-        return refusal
-    parameters.pop("AUTH", None)            # RFC 4954 5: accepted, and not passed on
-    session.envelope = Envelope(reverse_path, session.helo, session.client, parameters)
-    return replies.SENDER_OK.format(address=reverse_path.text)
-
-
-def _check_mail_parameters(session, parameters):
-    for keyword, value in parameters.items():
-        if keyword == "SIZE":               # RFC 1870 6: refuse at once what is too big
-            if value is None or not value.isdigit():
-                return replies.BAD_PARAMETER.format(parameter=f"SIZE={value}")
-            limit = session.policy.max_message_size
-            if int(value) > limit:
-                return replies.MESSAGE_TOO_BIG.format(limit=limit)
-        elif keyword == "BODY":             # RFC 6152 2
-            if (value or "").upper() not in ("7BIT", "8BITMIME"):
-                return replies.BAD_PARAMETER.format(parameter=f"BODY={value}")
-        elif keyword == "AUTH":             # RFC 4954 5: AUTH=<mailbox> or AUTH=<>
-            if value is None:
-                return replies.BAD_PARAMETER.format(parameter="AUTH")
-        else:                               # RFC 5321 4.1.1.11: not one we offer
-            return replies.BAD_PARAMETER.format(parameter=keyword)
-    return None
-
-
-def rcpt(session, argument):
-    path_text = _after_keyword(argument, "TO:")
-    if path_text is None:
-        return replies.SYNTAX.format(syntax=VERBS["RCPT"].syntax)
-    path_text, parameter_text = split_path_and_parameters(path_text)
-    try:
-        address = parse_path(path_text, allow_bare_postmaster=True)
-        parameters = parse_parameters(parameter_text)
-    except AddressError as problem:
-        return replies.BAD_RECIPIENT.format(problem=problem)
-    if parameters:                          # RFC 5321 4.1.1.11: we offer no RCPT parameters
-        return replies.BAD_PARAMETER.format(parameter=" ".join(parameters))
-    policy, envelope = session.policy, session.envelope
-    if len(envelope.recipients) >= policy.max_recipients:      # RFC 5321 4.5.3.1.8
-        return replies.TOO_MANY_RECIPIENTS
-    if not address.domain:                  # RFC 5321 4.1.1.3: <Postmaster> is always local
-        address = policy.router.postmaster()
-    route = policy.router.route(address)
-    if route.destination is Destination.UNKNOWN:
-        return _reject(session, replies.NO_SUCH_USER.format(address=address.text))
-    if route.destination is Destination.REMOTE and not may_relay(session):
-        return _reject(session, replies.RELAY_DENIED.format(address=address.text))   # 3.6.2
-    recipient = Recipient(address, parameters, route.mailbox)
-    envelope.add(recipient)                 # the same mailbox twice gets one copy
-    return replies.RECIPIENT_OK.format(address=recipient.key)
-
-
-def _reject(session, reply):
-    session.rejected_recipients += 1
-    return reply
-
-
-def may_relay(session):
-    if session.authenticated:               # RFC 4954 6: an authenticated client may relay
-        return True
-    client = ipaddress.ip_address(session.client.ip)
-    if getattr(client, "ipv4_mapped", None):
-        client = client.ipv4_mapped
-    return any(client in network for network in session.policy.relay_networks)
-
-
-def data(session, argument):
-    """RFC 5321 4.1.1.4: 354, and the text goes straight to its files as it arrives."""
-    if argument.strip():
-        return replies.SYNTAX.format(syntax=VERBS["DATA"].syntax)
-    policy, envelope = session.policy, session.envelope
-    envelope.queue_id = secrets.token_hex(8)
-    trace_line = received_header(
-        session.helo, session.client_literal, policy.hostname, received_protocol(session),
-        envelope.queue_id, [recipient.address for recipient in envelope.recipients])
-    try:
-        writer = policy.open_message(envelope, trace_line)
-    except StorageError as problem:
-        return _storage_refusal(problem)
-    session.text = MessageText(writer, policy.max_message_size)
-    return replies.START_DATA
-
-
-def end_of_data(session, argument=None):
-    """The text has arrived (RFC 5321 4.1.1.4): check it, then store it and answer."""
-    text, session.text = session.text, None
-    session.envelope = None                 # the next transaction starts from nothing
-    refusal = check_text(text, session.policy.max_message_size)
-    if refusal:
-        text.writer.discard()
-        return refusal
-    try:
-        session.policy.submit(text.writer)  # RFC 5321 6.1: durably stored before the 250
-    except StorageError as problem:
-        return _storage_refusal(problem)
-    return replies.QUEUED.format(queue_id=text.writer.envelope.queue_id)
-
-
-def check_text(text, max_size):
-    """The refusal a finished text earns, or None."""
-    if text.oversize:                       # RFC 1870 6
-        return replies.MESSAGE_TOO_BIG.format(limit=max_size)
-    if text.bare_line_ending:               # RFC 5321 2.3.8: no SMTP smuggling
-        return replies.BARE_LINE_ENDING
-    if text.line_too_long:                  # RFC 5321 4.5.3.1.6
-        return replies.TEXT_LINE_TOO_LONG
-    if text.received_headers() > MAX_RECEIVED_HEADERS:      # RFC 5321 6.3
-        return replies.LOOP_DETECTED
-    return None
-
-
-def _storage_refusal(problem):
-    return replies.STORAGE_FULL if problem.full else replies.LOCAL_ERROR
-
-
-def received_protocol(session):
-    """RFC 3848 2: SMTP, ESMTP, and ESMTPS (TLS), ESMTPA (AUTH), ESMTPSA."""
-    if not session.esmtp:
-        return "SMTP"
-    return "ESMTP" + ("S" if session.tls else "") + ("A" if session.authenticated else "")
-
-
-def address_literal(ip):
-    """RFC 5321 4.1.3: [192.0.2.1] or [IPv6:2001:db8::1]."""
-    address = ipaddress.ip_address(ip)
-    if address.version == 6 and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return f"[IPv6:{address.compressed}]" if address.version == 6 else f"[{address}]"
-
 
 def starttls(session, argument):
     """RFC 3207 4: the reply 220 tells the socket layer to start the handshake."""
@@ -308,7 +174,7 @@ def starttls(session, argument):
 
 
 def rset(session, argument):
-    _drop_transaction(session)
+    drop_transaction(session)
     return replies.RESET_OK
 
 
@@ -355,53 +221,8 @@ def help_for(verb):
             f"See {info.rfc}"]
 
 
-def _after_keyword(argument, keyword):
-    """`FROM:<a@b>` -> `<a@b>`; also tolerates `FROM: <a@b>` as most servers do."""
-    if argument[:len(keyword)].upper() != keyword:
-        return None
-    return argument[len(keyword):].strip()
-
-
-def _drop_transaction(session):
-    """Forget the envelope (RFC 5321 4.1.1.5: RSET; 4.1.4: a new HELO/EHLO), and any text
-    being written for it."""
-    session.envelope = None
-    if session.text:
-        session.text.writer.discard()
-        session.text = None
-
-
 # ---------------------------------------------------------------------------------------
 # The protocol as data
-
-
-class Verb(NamedTuple):
-    syntax: str
-    rfc: str
-    summary: str
-
-
-VERBS = {
-    "HELO": Verb("HELO <domain>", "RFC 5321 4.1.1.1", "identify yourself (plain SMTP)"),
-    "EHLO": Verb("EHLO <domain>", "RFC 5321 4.1.1.1",
-                 "identify yourself and list the server's extensions (ESMTP)"),
-    "MAIL": Verb("MAIL FROM:<reverse-path> [SIZE=n] [BODY=7BIT|8BITMIME]", "RFC 5321 4.1.1.2",
-                 "start a mail transaction with the sender's address (<> for bounces)"),
-    "RCPT": Verb("RCPT TO:<forward-path>", "RFC 5321 4.1.1.3", "add one recipient"),
-    "DATA": Verb("DATA", "RFC 5321 4.1.1.4",
-                 "send the message; end it with a line holding only a period"),
-    "RSET": Verb("RSET", "RFC 5321 4.1.1.5", "abort the current mail transaction"),
-    "VRFY": Verb("VRFY <user>", "RFC 5321 4.1.1.6",
-                 "ask whether a user exists (this server never confirms: 252)"),
-    "EXPN": Verb("EXPN <list>", "RFC 5321 4.1.1.7", "expand a mailing list (not offered)"),
-    "HELP": Verb("HELP [command]", "RFC 5321 4.1.1.8", "this help"),
-    "NOOP": Verb("NOOP", "RFC 5321 4.1.1.9", "do nothing; the server answers 250"),
-    "QUIT": Verb("QUIT", "RFC 5321 4.1.1.10", "end the session"),
-    "STARTTLS": Verb("STARTTLS", "RFC 3207 4",
-                     "switch the connection to TLS; then start over with EHLO"),
-    "AUTH": Verb("AUTH PLAIN|LOGIN [initial-response]", "RFC 4954 4",
-                 "log in with a user name and password (after STARTTLS)"),
-}
 
 
 STAY = None     # a Rule's next state that means "where the session already is"
@@ -460,10 +281,21 @@ TRANSITIONS = {
         "EHLO": Rule(ehlo, GREETED),
         "RCPT": Rule(rcpt, RCPT),
         "DATA": Rule(data, STAY, waiting=DATA),
+        "BDAT": Rule(bdat, STAY, waiting=BDAT),
         **_anytime(GREETED),
     },
     DATA: {
         END_OF_DATA: Rule(end_of_data, GREETED, failure=GREETED),
+    },
+    BDAT: {
+        END_OF_CHUNK: Rule(end_of_chunk, CHUNKED, failure=GREETED),
+        END_OF_LAST_CHUNK: Rule(end_of_last_chunk, GREETED, failure=GREETED),
+    },
+    CHUNKED: {
+        "HELO": Rule(helo, GREETED),
+        "EHLO": Rule(ehlo, GREETED),
+        "BDAT": Rule(bdat, STAY, waiting=BDAT),
+        **_anytime(GREETED),
     },
     AUTH: {
         AUTH_RESPONSE: Rule(sasl.respond, GREETED, waiting=AUTH, failure=GREETED),
@@ -484,9 +316,9 @@ def dispatch(session, line):
     """One command line (bytes, without CRLF) in, one Reply out; the state moves per the table."""
     session.transition = None
     try:
-        text = line.decode("ascii")
+        text = line.decode("utf-8")         # RFC 6531 3.3: UTF-8 only in SMTPUTF8 paths
     except UnicodeDecodeError:
-        return _over_budget(session) or _bad_command(session, replies.NOT_ASCII)
+        return _over_budget(session) or _bad_command(session, replies.NOT_UTF8)
     verb, _, argument = text.partition(" ")
     verb = verb.upper()
     if verb != "QUIT":                      # QUIT is always answered 221
@@ -501,9 +333,30 @@ def dispatch(session, line):
     rule = TRANSITIONS[session.state].get(verb)
     if rule is None:
         allowed = ", ".join(states_allowing(verb))
-        return _bad_command(session, replies.BAD_SEQUENCE.format(
-            verb=verb, state=f"{session.state} (allowed in {allowed})"))
+        refusal = replies.BAD_SEQUENCE.format(
+            verb=verb, state=f"{session.state} (allowed in {allowed})")
+        return _out_of_sequence(session, verb, argument, refusal)
     return _run(session, verb, rule, argument)
+
+
+def _out_of_sequence(session, verb, argument, refusal):
+    """503 (RFC 5321 4.1.4); a BDAT out of sequence is still followed by its octets, which
+    are read and dropped first to stay in step (RFC 3030 2)."""
+    chunk = parse_chunk(argument) if verb == "BDAT" else None
+    if chunk is None:
+        return _bad_command(session, refusal)
+    session.chunk = chunk._replace(refusal=refusal)
+    return ReadChunk(chunk.octets)
+
+
+def receive_chunk(session):
+    """A BDAT chunk's octets have been read (into session.text, or dropped): its reply, by
+    the BDAT cells of the table."""
+    chunk, session.chunk = session.chunk, None
+    if session.state != BDAT:               # out of sequence: nothing was opened
+        return _bad_command(session, chunk.refusal)
+    verb = END_OF_LAST_CHUNK if chunk.last else END_OF_CHUNK
+    return _run(session, verb, TRANSITIONS[BDAT][verb], chunk)
 
 
 def receive_text(session):
@@ -528,16 +381,16 @@ def refuse_long_line(session):
 
 def abort_transaction(session):
     """After an unexpected error: discard the envelope and answer 451 (RFC 5321 4.2.3)."""
-    _drop_transaction(session)
+    drop_transaction(session)
     session.sasl = None
-    if session.state in (MAIL, RCPT, DATA, AUTH):
+    if session.state in (MAIL, RCPT, DATA, BDAT, CHUNKED, AUTH):
         session.state = GREETED
     return replies.LOCAL_ERROR
 
 
 def end_session(session):
     """The connection is gone (QUIT, a timeout, the client left): drop any unfinished text."""
-    _drop_transaction(session)
+    drop_transaction(session)
     session.state = CLOSED
 
 
@@ -547,6 +400,10 @@ def _run(session, verb, rule, argument):
 
 def _move(session, verb, rule, reply):
     old = session.state
+    if reply.then is Next.CHUNK:            # no reply yet: the chunk's octets come first
+        session.state = rule.waiting
+        session.transition = Transition(verb, old, session.state)
+        return reply
     session.state = CLOSED if reply.then is Next.CLOSE else rule.next_state(old, reply)
     session.transition = Transition(verb, old, session.state)
     if reply.code in BAD_COMMAND_CODES:

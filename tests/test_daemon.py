@@ -844,3 +844,39 @@ def test_started_as_root_on_port_25_it_delivers(sandbox):
     uid, _ = run_user()
     assert server.uids() == [uid] * 4
     assert server.stop() == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 13: the extensions, on the real process (after the drop to nobody)
+
+
+def test_smtputf8_bdat_and_implicit_tls_on_the_real_process():
+    box = Sandbox(users=("alice", "zoë", "jürgen@bücher.test"))
+    try:
+        cert, key = box.make_certificate()
+        submissions = free_port(["127.0.0.1"])
+        server = box.start({"domains.local": "test.ru, bücher.test", "tls.cert": cert,
+                            "tls.key": key, "tls.submissions_port": submissions})
+        with Client(server.address) as client:
+            code, lines = client.command("EHLO client.example")
+            assert {"250-SMTPUTF8", "250-DSN", "250-CHUNKING"} <= set(lines), lines
+            assert client.code("MAIL FROM:<jöhn@example.org> SMTPUTF8 RET=HDRS") == 250
+            assert client.code("RCPT TO:<zoë@test.ru> NOTIFY=FAILURE") == 250
+            assert client.code("RCPT TO:<jürgen@BÜCHER.test>") == 250
+            body = "Subject: Grüße\r\n\r\nHallo\r\n".encode()
+            client.send(b"BDAT %d LAST\r\n" % len(body) + body)
+            assert client.reply()[0] == 250
+            assert client.code("QUIT") == 221
+        for address in ("zoë@test.ru", "jürgen@xn--bcher-kva.test"):
+            [stored] = box.maildir_messages(address)
+            assert stored.endswith("Subject: Grüße\n\nHallo\n".encode())
+            assert b" with UTF8SMTPS id " not in stored and b" with UTF8SMTP id " in stored
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", submissions),
+                                                          timeout=10)) as tls:
+            tls.settimeout(10)
+            assert tls.recv(1024).startswith(b"220 ")       # TLS first, then the greeting
+        assert server.stop() == 0
+    finally:
+        box.cleanup()

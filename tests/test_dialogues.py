@@ -92,3 +92,21 @@ def test_trace_shows_state_changes_rfc_sections_and_data_framing(tmp_path, start
     assert "dot-stuffing removed from 1 line(s) (RFC 5321 4.5.2)" in log
     assert "end of data: <CRLF>.<CRLF> after" in log
     assert "[DATA -> GREETED] CRLF.CRLF accepted: 250 2.0.0 (RFC 5321 4.1.1.4)" in log
+
+
+def test_readme_usage_is_what_help_prints():
+    import config as configuration
+    usage = configuration.build_parser().format_usage().rstrip("\n")
+    indented = "\n".join("    " + line for line in usage.splitlines())
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as readme:
+        assert indented in readme.read(), "README.md's usage is out of date: python smtpd.py -h"
+
+
+def test_readme_ehlo_reply_is_what_the_server_says(server):
+    from tests.wire import Client
+    with Client(server.address) as client:
+        _, lines = client.command("EHLO client.example")
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as readme:
+        text = readme.read()
+    block = "\n".join(f"    {line}" for line in lines)
+    assert block in text, f"README.md's EHLO transcript is out of date:\n{block}"

@@ -16,6 +16,7 @@ import email.policy
 import imaplib
 import os
 import pwd
+import re
 import shutil
 import signal
 import smtplib
@@ -27,10 +28,12 @@ from pathlib import Path
 
 import pytest
 
+import config as configuration
 import passwords
-from tests.conftest import maildir_messages, make_config
+from tests.conftest import config_sections, maildir_messages, make_config
 from tests.waiting import wait_until
 from tests.fake_mx import FakeMX
+from tests.queue_world import write_spool
 
 pytestmark = pytest.mark.interop
 
@@ -575,6 +578,29 @@ def test_smtpd_relays_to_postfix(postfix, open_dir, start_server):
     assert wait_until(lambda: not server.system.spool.names(), 10)
 
 
+def test_postfix_passes_smtputf8_and_dsn_requests_into_smtpd(postfix, open_dir, start_server):
+    """`sendmail -N success,delay,failure` with a UTF-8 recipient (Postfix detects SMTPUTF8): Postfix relays with SMTPUTF8 and
+    NOTIFY; smtpd stores the UTF-8 message for zoë and, as asked, tells the sender."""
+    (open_dir / "users").write_text("alice\nbob\nzoë\n")
+    server = start_server(make_config(open_dir))
+    upstream = postfix(relayhost=server.address[1])
+    message = ("Date: Mon, 23 Nov 2026 10:05:00 +0000\nMessage-ID: <pf-utf8@test.ru>\n"
+               "From: Bob <bob@test.ru>\nTo: Zoë <zoë@test.ru>\nSubject: Grüße\n\nHej!\n")
+    run([upstream.sendmail, "-C", upstream.etc, "-oi", "-N", "success,delay,failure",
+         "-f", "bob@test.ru", "zoë@test.ru"], input=message.encode())
+    stored = one_message(open_dir / "mail", "zoë@test.ru")
+    assert as_sent(stored, "bob@test.ru", hops=1) == crlf(message), upstream.log()
+    assert b" with UTF8SMTP id " in split_trace(stored)[0][1]        # RFC 6531 4.3
+    log = smtpd_log(open_dir)
+    assert re.search(r"<- MAIL FROM:<bob@test.ru>.* SMTPUTF8", log), log
+    assert re.search(r"<- RCPT TO:<zoë@test.ru> .*NOTIFY=SUCCESS,FAILURE,DELAY", log), log
+    notice = email.message_from_bytes(one_message(open_dir / "mail", "bob@test.ru"),
+                                      policy=email.policy.default)
+    fields = delivery_status_fields(notice, action="delivered")
+    assert fields[1]["Status"] == "2.0.0"
+    assert fields[1]["Final-Recipient"] == "utf-8; zo\\x{EB}@test.ru"     # RFC 6533 3
+
+
 def test_postfix_relays_into_smtpd_over_starttls(postfix, open_dir, start_server,
                                                  tls_certificate):
     """Postfix's TLS client (smtp_tls_security_level = encrypt) against smtpd's STARTTLS."""
@@ -617,6 +643,50 @@ def test_smtpd_relays_to_postfix_over_starttls(postfix, open_dir, start_server,
         "TLS connection established from" in downstream.log()
     assert "TLS established" in smtpd_log(open_dir)
     assert wait_until(lambda: not server.system.spool.names(), 10)
+
+
+def test_smtpd_relays_to_postfix_with_dsn_parameters_passed_on(postfix, open_dir,
+                                                              start_server):
+    """Postfix offers DSN: smtpd's relay passes NOTIFY=SUCCESS, ORCPT, RET and ENVID on and
+    sends no notice of its own (RFC 3461 5.2.1); Postfix delivers, and its own success
+    notice comes back to the sender through smtpd (Postfix's relayhost). The message enters
+    smtpd's queue as a spool file, written as the receiving side writes one, so that the
+    relay alone is under test."""
+    smtpd_port = free_port()
+    downstream = postfix(relayhost=smtpd_port)
+    sections = config_sections(open_dir, **{
+        "relay.routes": f"remote.test=127.0.0.1:{downstream.port}", "log.trace": "yes"})
+    server = start_server(configuration.from_sections(sections, ip="127.0.0.1",
+                                                      port=smtpd_port))
+    message = ("From: Alice <alice@test.ru>\nTo: Bob <bob@remote.test>\n"
+               "Subject: tell me when it arrives\nMessage-ID: <down-dsn@test.ru>\n"
+               "Date: Mon, 23 Nov 2026 10:05:00 +0000\n\nHello Postfix.\n")
+    name = write_spool(server.system.spool,
+                       [("bob@remote.test", {"NOTIFY": "SUCCESS",
+                                             "ORCPT": "rfc822;bob@remote.test"})],
+                       text=crlf(message), parameters={"RET": "HDRS", "ENVID": "smtpd-dsn-1"})
+    server.system.queue.enqueue(name)
+    delivered = wait_until(lambda: downstream.mailbox("bob"), 15)
+    assert len(delivered) == 1, downstream.log()
+    assert split_trace(delivered[0])[1] == message.encode()
+    assert wait_until(lambda: not server.system.spool.names(), 15)
+    log = smtpd_log(open_dir)
+    assert "-> MAIL FROM:<alice@test.ru> RET=HDRS ENVID=smtpd-dsn-1 SIZE=" in log
+    assert "-> RCPT TO:<bob@remote.test> NOTIFY=SUCCESS ORCPT=rfc822;bob@remote.test" in log
+    # Postfix's notice, and only it: smtpd's own would have been stored before the spool
+    # file was removed
+    notice = one_message(open_dir / "mail", "alice@test.ru", timeout=30)
+    assert notice.startswith(b"Return-Path: <>\n"), downstream.log()
+    report = email.message_from_bytes(notice, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report", downstream.log()
+    status = [part for part in report.iter_parts()
+              if part.get_content_type() == "message/delivery-status"][0].get_payload()
+    assert status[0]["Reporting-MTA"] == "dns; postfix.test"
+    assert status[0]["Original-Envelope-Id"] == "smtpd-dsn-1"
+    assert status[1]["Original-Recipient"] == "rfc822;bob@remote.test"
+    assert status[1]["Final-Recipient"] == "rfc822; bob@remote.test"
+    assert (status[1]["Action"], status[1]["Status"]) == ("delivered", "2.0.0")
+    assert "sender delivery status notification" in downstream.log()
 
 
 # --- Dovecot ----------------------------------------------------------------------------
@@ -803,7 +873,7 @@ def test_dovecot_serves_the_maildir(dovecot, open_dir, start_server):
 
 # --- bounces ----------------------------------------------------------------------------
 
-def delivery_status_fields(report):
+def delivery_status_fields(report, action="failed"):
     """RFC 3464 checks on a parsed DSN; returns [per-message fields, per-recipient...]."""
     assert not report.defects, report.defects
     assert report.get_content_type() == "multipart/report"
@@ -817,8 +887,9 @@ def delivery_status_fields(report):
     assert len(fields) >= 2
     assert fields[0]["Reporting-MTA"] == f"dns; {HOSTNAME}"
     for recipient in fields[1:]:
-        assert recipient["Action"] == "failed"
-        assert recipient["Final-Recipient"].startswith("rfc822; ")
+        assert recipient["Action"] == action
+        # RFC 6533 3: a UTF-8 address is of type utf-8
+        assert recipient["Final-Recipient"].startswith(("rfc822; ", "utf-8; "))
     return fields
 
 

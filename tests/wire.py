@@ -65,7 +65,7 @@ class Client:
             line = self.line()
             if not line:
                 return None, lines
-            lines.append(line.decode("ascii", "replace"))
+            lines.append(line.decode("utf-8", "replace"))
             if is_last_line(line):
                 return int(line[:3]), lines
 
