@@ -38,7 +38,7 @@ DEFAULTS = {
         "user": "nobody",
     },
     "domains": {"local": "test.ru"},
-    "users": {"file": "users"},
+    "users": {"file": "users", "aliases": "", "suffix_separators": "+"},
     "storage": {"maildir": "mail", "spool": "spool"},
     "relay": {
         "networks": "127.0.0.0/8, ::1/128",
@@ -56,12 +56,17 @@ DEFAULTS = {
         "delay_warning": "14400",
     },
     "tls": {"cert": "", "key": "", "submission_port": "0", "submissions_port": "0"},
-    "auth": {"allow_plaintext": "no", "failure_delay": "1", "max_failures": "3"},
+    "auth": {"allow_plaintext": "no", "failure_delay": "1", "max_failures": "3",
+             "sender_login_match": "yes"},
     "log": {"dir": "logs", "level": "INFO", "trace": "no"},
+    "web": {"listen": "", "password": ""},
 }
 
 # The path keys whose value in the shipped conf/smtpd.conf is "../" + the built-in default.
 SHIPPED_ONE_LEVEL_UP = (("storage", "maildir"), ("storage", "spool"), ("log", "dir"))
+# Where the shipped file turns on what the built-in defaults leave off
+SHIPPED_ON = {("users", "aliases"): "aliases",              # conf/aliases, all commented out
+              ("web", "listen"): "127.0.0.1:8025"}          # the live view, loopback only
 
 
 class ConfigError(Exception):
@@ -85,6 +90,8 @@ class Config:
     user: str
     local_domains: tuple
     users_file: str
+    aliases_file: str           # "" for none
+    suffix_separators: str      # characters after which a local part's suffix is ignored
     maildir: str
     spool: str
     relay_networks: tuple
@@ -107,9 +114,12 @@ class Config:
     auth_allow_plaintext: bool
     auth_failure_delay: float
     auth_max_failures: int
+    sender_login_match: bool    # an authenticated client sends only as itself or its aliases
     log_dir: str
     log_level: str
     trace: bool
+    web_listen: tuple           # (host, port) of the live web view, or () when it is off
+    web_password: str           # HTTP basic auth; "" allows loopback clients only
     config_file: str            # the file read (absolute), or "" when there was none
 
 
@@ -132,6 +142,12 @@ def build_parser():
     parser.add_argument("--spool", metavar="DIR",
                         help="directory of the relay queue (replaces [storage] spool; "
                              "relative to the working directory)")
+    parser.add_argument("--hostname", metavar="NAME",
+                        help="this server's name in the greeting and Received: lines "
+                             "(replaces [server] hostname)")
+    parser.add_argument("--web", metavar="ADDR:PORT",
+                        help="serve the live web view there (replaces [web] listen; "
+                             "'' turns it off)")
     parser.add_argument("--trace", action="store_true",
                         help="show state changes and the RFC section behind each reply")
     parser.add_argument("--queue", action="store_true",
@@ -172,6 +188,10 @@ def load(argv):
         sections["storage"]["spool"] = os.path.abspath(args.spool)
     if args.trace:
         sections["log"]["trace"] = "yes"
+    if args.hostname is not None:
+        sections["server"]["hostname"] = args.hostname
+    if args.web is not None:
+        sections["web"]["listen"] = args.web
     config = from_sections(sections, ip=args.ip, port=args.port, config_file=config_file)
     return config, args
 
@@ -230,6 +250,8 @@ def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
         user=value.text("server", "user"),
         local_domains=value.domains("domains", "local"),
         users_file=value.path("users", "file"),
+        aliases_file=value.path("users", "aliases", required=False),
+        suffix_separators=value.separators("users", "suffix_separators"),
         maildir=value.path("storage", "maildir"),
         spool=value.path("storage", "spool"),
         relay_networks=value.networks("relay", "networks"),
@@ -252,9 +274,12 @@ def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
         auth_allow_plaintext=value.boolean("auth", "allow_plaintext"),
         auth_failure_delay=value.number("auth", "failure_delay", minimum=0),
         auth_max_failures=value.integer("auth", "max_failures", minimum=1),
+        sender_login_match=value.boolean("auth", "sender_login_match"),
         log_dir=value.path("log", "dir"),
         log_level=value.choice("log", "level", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         trace=value.boolean("log", "trace"),
+        web_listen=value.listen("web", "listen"),
+        web_password=value.text("web", "password", required=False),
         config_file=config_file,
     )
 
@@ -380,6 +405,26 @@ class _Reader:
             self.fail(section, key, f"{item!r}: the port is not a number")
         if not host or not 0 < port < 65536:
             self.fail(section, key, f"{item!r} is not host[:port]")
+        return host, port
+
+    def separators(self, section, key):
+        """Characters that start a local part's suffix (alice+lists): no letter or digit,
+        no @, quote or space."""
+        text = self.raw(section, key)
+        for char in text:
+            if char.isalnum() or char in "@\"\\ ,.":
+                self.fail(section, key, f"{char!r} cannot separate a suffix")
+        return text
+
+    def listen(self, section, key):
+        """host:port, or () when empty (the feature is off)."""
+        if not self.raw(section, key):
+            return ()
+        host, port = self._host_port(section, key, self.raw(section, key), 0)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            self.fail(section, key, f"{host!r} is not an IP address")
         return host, port
 
     def routes(self, section, key):

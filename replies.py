@@ -102,6 +102,10 @@ NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "A non-ASCII address needs MAIL FROM:<...> 
                        "RFC 6531 3.2")
 NO_SUCH_USER = Reply(550, "5.1.1", "<{address}>: no such mailbox here", "RFC 5321 3.6.2")
 RELAY_DENIED = Reply(554, "5.7.1", "<{address}>: relay access denied", "RFC 5321 3.6.2")
+NOT_YOUR_ADDRESS = Reply(553, "5.7.1", "<{address}>: not an address of {login}",
+                         "RFC 6409 6.1")
+DELIVERED_TO_LOOP = Reply(554, "5.4.6", "Mail loop: already delivered to <{address}> here",
+                          "RFC 5321 6.3")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients", "RFC 5321 4.5.3.1.8")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>", "RFC 5321 4.1.1.4", TEXT)
 QUEUED = Reply(250, "2.0.0", "Ok: queued as {queue_id}", "RFC 5321 4.1.1.4")

@@ -70,6 +70,7 @@ class Policy:
     auth_required: bool = False                 # the submission port (RFC 6409 4.3)
     max_auth_failures: int = 3
     auth_failure_delay: float = 1.0
+    may_send_as: Optional[Callable] = None      # (login, address) -> bool; None: anyone
 
 
 class Transition(NamedTuple):

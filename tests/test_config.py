@@ -64,6 +64,9 @@ def test_the_shipped_config_repeats_the_built_in_defaults():
             if (section, key) in config.SHIPPED_ONE_LEVEL_UP:
                 # conf/ -> the repository's top: ../mail, ../spool, ../logs
                 assert shipped[section][key] == "../" + default, f"[{section}] {key}"
+            elif (section, key) in config.SHIPPED_ON:
+                assert default == "" and shipped[section][key] == \
+                    config.SHIPPED_ON[section, key], f"[{section}] {key}"
             else:
                 assert shipped[section][key] == default, f"[{section}] {key}"
 
@@ -413,3 +416,40 @@ def test_a_bad_flag_exits_with_one_line_and_no_traceback(argv, expected):
     assert "Traceback" not in result.stderr
     assert result.stderr.splitlines() == [expected]
     assert result.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------
+# Keys of the routing and web issues (14, 16)
+
+
+def test_aliases_suffixes_sender_match_and_the_web_view(tmp_path):
+    config_file = write(tmp_path / "smtpd.conf", "[users]\naliases = aliases\n"
+                        "suffix_separators = +-\n[auth]\nsender_login_match = no\n"
+                        "[web]\nlisten = 127.0.0.1:8025\npassword = s3cret\n")
+    loaded, _ = config.load(["--config", config_file])
+    assert loaded.aliases_file == str(tmp_path / "aliases")       # beside the config file
+    assert loaded.suffix_separators == "+-"
+    assert loaded.sender_login_match is False
+    assert loaded.web_listen == ("127.0.0.1", 8025) and loaded.web_password == "s3cret"
+    off = build()
+    assert (off.aliases_file, off.web_listen, off.suffix_separators) == ("", (), "+")
+
+
+def test_hostname_and_web_flags(tmp_path):
+    config_file = write(tmp_path / "smtpd.conf", "[web]\nlisten = 127.0.0.1:8025\n")
+    loaded, _ = config.load(["--config", config_file, "--hostname", "Foo.COM",
+                             "--web", "[::1]:9025"])
+    assert loaded.hostname == "foo.com" and loaded.web_listen == ("::1", 9025)
+    assert config.load(["--config", config_file, "--web", ""])[0].web_listen == ()
+
+
+@pytest.mark.parametrize("dotted, value, problem", [
+    ("users.suffix_separators", "+a", "'a' cannot separate a suffix"),
+    ("users.suffix_separators", "@", "'@' cannot separate a suffix"),
+    ("web.listen", "localhost:8025", "'localhost' is not an IP address"),
+    ("web.listen", "127.0.0.1", "'127.0.0.1' is not host[:port]"),
+    ("server.hostname", "not a name", "not a domain name"),
+])
+def test_bad_values_of_the_new_keys(dotted, value, problem):
+    section, key = dotted.split(".")
+    assert message(build, **{dotted: value}) == f"[{section}] {key} = {value!r}: {problem}"
