@@ -130,12 +130,10 @@ def bounce_recipient(router, sender):
     """RFC 3464 2: the DSN goes to the sender; a local sender without a mailbox has it
     read by the postmaster of the domain (RFC 5321 4.5.1)."""
     route = router.route(sender)
-    if route.destination is Destination.REMOTE:
-        return Recipient(sender)
-    if route.destination is Destination.LOCAL:
-        return Recipient(sender, mailbox=route.mailbox)
+    if route.destination is not Destination.UNKNOWN:     # a mailbox, an alias, or remote
+        return route.recipient(sender)
     postmaster = router.postmaster(sender.domain)
-    return Recipient(postmaster, mailbox=router.route(postmaster).mailbox)
+    return router.route(postmaster).recipient(postmaster)
 
 
 # ---------------------------------------------------------------------------------------

@@ -66,11 +66,14 @@ def add_user(config, login):
     if not password:
         return fail("smtpd: --add-user: empty password")
     try:
-        add_user_to_file(config.users_file, f"{local_part}@{domain}",
-                         passwords.hash_password(password))
+        replaced = add_user_to_file(config.users_file, f"{local_part}@{domain}",
+                                    passwords.hash_password(password))
     except (OSError, UsersFileError, StorageError) as error:
         return fail(f"smtpd: --add-user: {error}")
-    print(f"smtpd: {local_part}@{domain} added to {config.users_file}")
+    if replaced:
+        print(f"smtpd: {local_part}@{domain}: password changed in {config.users_file}")
+    else:
+        print(f"smtpd: {local_part}@{domain} added to {config.users_file}")
     return 0
 
 

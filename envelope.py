@@ -6,7 +6,7 @@ relay reads it back and replays it (relay.py); a bounce is a new one (bounce.py)
 are `address.Address` values, never strings to split again.
 """
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from address import Address
 
@@ -18,21 +18,33 @@ class Client:
     port: int
 
 
+class Expansion(NamedTuple):
+    """Where an alias leads (routing.py): the local mailboxes and the remote addresses."""
+    alias: Address                      # the name that matched (team@test.ru)
+    mailboxes: tuple                    # local mailboxes (Address), each once
+    forwards: tuple                     # remote addresses (Address): forwarded there
+    rewrite: bool = True                # forwards leave with a rewritten sender
+
+
 @dataclass
 class Recipient:
     """One forward path (RFC 5321 4.1.1.3) and where it goes."""
     address: Address                    # as the client gave it (the domain lower-cased)
     parameters: dict = field(default_factory=dict)     # RCPT parameters (RFC 5321 4.1.2)
-    mailbox: Optional[Address] = None   # the local mailbox it is stored in; None: relayed
+    mailbox: Optional[Address] = None   # the local mailbox it is addressed to directly
+    expansion: Optional[Expansion] = None   # or, through an alias, where it leads
 
     @property
     def is_local(self):
-        return self.mailbox is not None
+        """Handled here (a mailbox or an alias); otherwise relayed as given."""
+        return self.mailbox is not None or self.expansion is not None
 
     @property
     def key(self):
-        """What makes two recipients the same delivery: the mailbox, or the remote address."""
-        return (self.mailbox or self.address).text
+        """What makes two recipients the same: the mailbox, the alias, or the address."""
+        if self.mailbox:
+            return self.mailbox.text
+        return (self.expansion.alias if self.expansion else self.address).text
 
 
 @dataclass

@@ -15,8 +15,10 @@ import time
 import dsn
 import queuerunner
 import state
+from aliases import Aliases
 from bounce import Notice
 from config import ConfigError
+from forwarding import Forwarder
 from routing import Router
 from spool import Spool
 from storage import Draft, Maildir, StorageError
@@ -28,7 +30,10 @@ class MailSystem:
         self.config = config
         self.log = log
         self.users = Users(config.users_file)
-        self.router = Router(config.local_domains, self.users.has_mailbox)
+        aliases = Aliases(config.aliases_file, config.local_domains, log) \
+            if config.aliases_file else None
+        self.router = Router(config.local_domains, self.users.has_mailbox, aliases,
+                             config.suffix_separators, log=log)
         self.maildir = Maildir(config.maildir)
         self.spool = Spool(config.spool)
         self.tls_context = make_tls_context(config)
@@ -45,6 +50,7 @@ class MailSystem:
         if self._spool_lock is None:
             raise StorageError(f"spool {self.spool.directory} is in use by process "
                                f"{self.spool.owner()}")
+        self.router.forwarder = Forwarder.for_spool(self.spool.directory)
         self.queue = queuerunner.QueueRunner(self.config, self.spool, self.router,
                                              self.submit_message, self.log)
         self.queue.start()
@@ -82,14 +88,22 @@ class MailSystem:
             auth_required=auth_required,
             max_auth_failures=config.auth_max_failures,
             auth_failure_delay=config.auth_failure_delay,
+            may_send_as=self.router.may_send_as if config.sender_login_match else None,
         )
 
     # The one way in
 
     def open_message(self, envelope, prefix=b""):
-        """A Draft that writes the text to its files as it arrives. Raises StorageError."""
+        """A Draft that writes the text, as it arrives, to the files the router plans for it
+        (Maildir copies, the spool file, forwards). Raises StorageError."""
+        plan = self.router.plan(envelope)
+        for forward in plan.forwards:
+            forward.envelope.queue_id = secrets.token_hex(8)
+            self.log.info("[%s] %s forwarded as %s to %s", envelope.queue_id,
+                          forward.delivered_to.text, forward.envelope.queue_id,
+                          ", ".join(f"<{r.address.text}>" for r in forward.envelope.recipients))
         try:
-            return Draft(self.maildir, self.spool, envelope, prefix)
+            return Draft(self.maildir, self.spool, plan, prefix)
         except StorageError as problem:
             self.log.error("[%s] cannot store a message: %s", envelope.queue_id, problem)
             raise
@@ -99,15 +113,15 @@ class MailSystem:
         recipients. `headers` is the message's header block (for a notice to the sender).
         Raises StorageError, logged here once."""
         try:
-            spool_name = draft.commit()
+            spool_names = draft.commit()
         except StorageError as problem:
             self.log.error("[%s] cannot store a message: %s", draft.envelope.queue_id,
                            problem)
             raise
-        if spool_name and self.queue:
+        for spool_name in spool_names if self.queue else ():
             self.queue.enqueue(spool_name)
         self._notify_delivered(draft.envelope, headers)
-        return spool_name
+        return spool_names
 
     def _notify_delivered(self, envelope, headers):
         """RFC 3461 4.1: a local recipient that asked NOTIFY=SUCCESS hears of its delivery

@@ -118,35 +118,29 @@ def _dot_stuffed(text):
 
 
 class Draft:
-    """One message being written to its files as it arrives: a Maildir file in the first
-    local recipient's tmp/ and, for remote recipients, a spool file in <spool>/tmp/. Nothing
-    is under a final name until `commit()`; `discard()` leaves nothing behind.
+    """One message being written to its files as it arrives (a routing.Plan says which):
+    a Maildir file in tmp/ of its first mailbox for each local copy, and a spool file in
+    <spool>/tmp/ for the remote recipients and for each forward. Nothing is under a final name
+    until `commit()`; `discard()` leaves nothing behind.
 
     The text comes in whole lines with CRLF, dot-stuffing undone (text.MessageText). A write
     that fails (a full disk) is remembered, and the rest of the text is dropped, so that the
     session can read the text to its end and then answer; `commit()` raises it.
     """
 
-    def __init__(self, maildir, spool, envelope, prefix=b""):
+    def __init__(self, maildir, spool, plan, prefix=b""):
         self.maildir = maildir
         self.spool = spool
-        self.envelope = envelope
+        self.envelope = plan.envelope
         self.failure = None             # the StorageError of a failed write
-        self.folders = list(dict.fromkeys(maildir.folder(recipient.mailbox)
-                                          for recipient in envelope.local_recipients))
-        self.maildir_name = maildir.unique_name() if self.folders else None
-        self.maildir_file = None
-        self.spool_file = None
+        self.files = []                 # _MaildirFile and _SpoolFile, in the plan's order
         try:
-            if self.folders:
-                self.maildir_file = self._open_in_maildir()
-                # RFC 5321 4.4: the final delivery adds Return-Path with the reverse path
-                self._write(self.maildir_file, b"Return-Path: <%s>\n" %
-                            envelope.reverse_path.text.encode() + _lf(prefix))
-            if envelope.remote_recipients:
-                self.spool_file = self._open_in_spool()
-                self._write(self.spool_file, spool_format.command_head(envelope) +
-                            _dot_stuffed(prefix))
+            for copy in plan.local:
+                self.files.append(self._open_maildir_copy(copy, prefix))
+            spooled = [(plan.relayed, None)] if plan.relayed else []
+            spooled += [(forward.envelope, forward.delivered_to) for forward in plan.forwards]
+            for envelope, delivered_to in spooled:
+                self.files.append(self._open_spool_file(envelope, delivered_to, prefix))
         except OSError as error:
             self.discard()
             raise StorageError.from_os_error(error, "opening a message file") from None
@@ -157,91 +151,122 @@ class Draft:
             self.discard()
             raise self.failure
 
+    def _open_maildir_copy(self, copy, prefix):
+        folders = list(dict.fromkeys(self.maildir.folder(box) for box in copy.mailboxes))
+        name = self.maildir.unique_name()
+        self.maildir.make(folders[0])
+        opened = _create(os.path.join(folders[0], "tmp", name),
+                         lambda: self.maildir.make(folders[0], again=True))
+        output = _MaildirFile(opened, folders, name)
+        # RFC 5321 4.4: the final delivery adds Return-Path with the reverse path
+        header = b"Return-Path: <%s>\n" % self.envelope.reverse_path.text.encode()
+        if copy.delivered_to:
+            header += b"Delivered-To: %s\n" % copy.delivered_to.text.encode()
+        self._write(output, header + _lf(prefix))
+        return output
+
+    def _open_spool_file(self, envelope, delivered_to, prefix):
+        name = envelope.spool_name
+        opened = _create(self.spool.temporary_path(name),
+                         lambda: durable.make_directories(self.spool.tmp))
+        output = _SpoolFile(opened, name)
+        header = b"Delivered-To: %s\r\n" % delivered_to.text.encode() if delivered_to else b""
+        self._write(output, spool_format.command_head(envelope) + _dot_stuffed(header + prefix))
+        return output
+
     @property
-    def spool_name(self):
-        return self.envelope.spool_name
-
-    def _open_in_maildir(self):
-        folder = self.folders[0]
-        path = os.path.join(folder, "tmp", self.maildir_name)
-        self.maildir.make(folder)
-        return _create(path, lambda: self.maildir.make(folder, again=True))
-
-    def _open_in_spool(self):
-        path = self.spool.temporary_path(self.spool_name)
-        return _create(path, lambda: durable.make_directories(self.spool.tmp))
+    def spool_names(self):
+        return [output.name for output in self.files if isinstance(output, _SpoolFile)]
 
     def write(self, text):
         if self.failure:
             return
-        if self.maildir_file:
-            self._write(self.maildir_file, _lf(text))
-        if self.spool_file:
-            self._write(self.spool_file, _dot_stuffed(text))
+        for output in self.files:
+            self._write(output, output.form(text))
 
-    def _write(self, open_file, content):
+    def _write(self, output, content):
         try:
-            durable.write_all(open_file.descriptor, content)
+            durable.write_all(output.file.descriptor, content)
         except OSError as error:
-            self.failure = StorageError.from_os_error(error, f"writing {open_file.path}")
+            self.failure = StorageError.from_os_error(error, f"writing {output.file.path}")
 
     def commit(self):
-        """Make the message durable under its final names (RFC 5321 6.1). Returns the
-        spool name, or None when every recipient was local. Raises StorageError."""
+        """Make the message durable under its final names (RFC 5321 6.1): the Maildir copies,
+        then the spool files. Returns the spool names (none when every copy was local).
+        Raises StorageError."""
         try:
-            if self.spool_file and not self.failure:
-                self._write(self.spool_file, spool_format.END_OF_FILE)
+            for output in self.files:
+                if isinstance(output, _SpoolFile) and not self.failure:
+                    self._write(output, spool_format.END_OF_FILE)
             if self.failure:
                 raise self.failure
-            for open_file in (self.maildir_file, self.spool_file):
-                if open_file:
-                    open_file.sync()
-            if self.maildir_file:
-                self._link_into_new()
-            if self.spool_file:
-                self._rename_into_spool()
+            for output in self.files:
+                output.file.sync()
+            for output in self.files:
+                output.place(self)
         except OSError as error:
             self.discard()
             raise StorageError.from_os_error(error, "storing the message") from None
         except BaseException:
             self.discard()
             raise
-        return self.spool_name if self.spool_file else None
+        return self.spool_names
 
-    def _link_into_new(self):
-        """The file in each folder's new/: one rename for one folder, as Maildir intends;
-        hard links for several (all or none), then the temporary name gone."""
-        temporary = self.maildir_file.path
-        finals = [os.path.join(folder, "new", self.maildir_name) for folder in self.folders]
+    def discard(self):
+        """Close and remove whatever is not yet under its final name."""
+        for output in self.files:
+            output.file.abandon()
+
+
+class _MaildirFile:
+    """A Maildir copy: written in tmp/ of its first folder, then in each folder's new/."""
+
+    def __init__(self, opened, folders, name):
+        self.file, self.folders, self.name = opened, folders, name
+
+    @staticmethod
+    def form(text):
+        return _lf(text)
+
+    def place(self, draft):
+        """One rename for one folder, as Maildir intends; hard links for several (all or
+        none), then the temporary name gone."""
+        temporary = self.file.path
+        finals = [os.path.join(folder, "new", self.name) for folder in self.folders]
         if len(finals) == 1:
             _retry_if_gone(lambda: os.rename(temporary, finals[0]),
-                           lambda: self.maildir.make(self.folders[0], again=True))
+                           lambda: draft.maildir.make(self.folders[0], again=True))
         else:
             linked = []
             try:
                 for folder, final in zip(self.folders, finals):
                     _retry_if_gone(lambda: os.link(temporary, final),
-                                   lambda: self.maildir.make(folder, again=True))
+                                   lambda: draft.maildir.make(folder, again=True))
                     linked.append(final)
             except BaseException:
                 for final in linked:
                     os.unlink(final)
                 raise
             os.unlink(temporary)
-        self.maildir_file.done = True
+        self.file.done = True
         for final in finals:
             durable.fsync_directory(os.path.dirname(final))
 
-    def _rename_into_spool(self):
-        os.rename(self.spool_file.path, self.spool.path(self.spool_name))
-        self.spool_file.done = True
-        durable.fsync_directory(self.spool.directory)
 
-    def discard(self):
-        """Close and remove whatever is not yet under its final name."""
-        for open_file in (self.maildir_file, self.spool_file):
-            if open_file:
-                open_file.abandon()
+class _SpoolFile:
+    """A spool file: written in <spool>/tmp/, then renamed into the spool."""
+
+    def __init__(self, opened, name):
+        self.file, self.name = opened, name
+
+    @staticmethod
+    def form(text):
+        return _dot_stuffed(text)
+
+    def place(self, draft):
+        os.rename(self.file.path, draft.spool.path(self.name))
+        self.file.done = True
+        durable.fsync_directory(draft.spool.directory)
 
 
 class _OpenFile:

@@ -13,9 +13,9 @@ import dsn
 import replies
 from address import (AddressError, NeedsSmtputf8, parse_parameters, parse_path,
                      split_path_and_parameters)
-from envelope import Envelope, Recipient
+from envelope import Envelope
 from replies import ReadChunk
-from routing import Destination
+from routing import Destination, delivered_to_loop
 from storage import StorageError
 from text import MAX_RECEIVED_HEADERS, ChunkedText, MessageText, received_header
 from verbs import VERBS
@@ -48,6 +48,11 @@ def mail(session, argument):
     if refusal:
         return refusal
     parameters.pop("AUTH", None)            # RFC 4954 5: accepted, and not passed on
+    may_send_as = session.policy.may_send_as
+    if session.authenticated and may_send_as and not may_send_as(session.authenticated,
+                                                                  reverse_path):
+        return replies.NOT_YOUR_ADDRESS.format(address=reverse_path.text,
+                                               login=session.authenticated)
     session.envelope = Envelope(reverse_path, session.helo, session.client, parameters)
     return replies.SENDER_OK.format(address=reverse_path.text)
 
@@ -105,7 +110,7 @@ def rcpt(session, argument):
         return _reject(session, replies.NO_SUCH_USER.format(address=address.text))
     if route.destination is Destination.REMOTE and not may_relay(session):
         return _reject(session, replies.RELAY_DENIED.format(address=address.text))   # 3.6.2
-    recipient = Recipient(address, parameters, route.mailbox)
+    recipient = route.recipient(address, parameters)
     envelope.add(recipient)                 # the same mailbox twice gets one copy
     return replies.RECIPIENT_OK.format(address=recipient.key)
 
@@ -165,7 +170,8 @@ def end_of_data(session, argument=None):
 def _finish_message(session):
     text, session.text = session.text, None
     session.envelope = None                 # the next transaction starts from nothing
-    refusal = check_text(text, session.policy.max_message_size)
+    refusal = check_text(text, session.policy.max_message_size) or \
+        _delivered_here_before(text.writer.envelope, text.header_block())
     if refusal:
         text.writer.discard()
         return refusal
@@ -219,6 +225,16 @@ def end_of_last_chunk(session, chunk):
         return chunk.refusal
     session.text.finish()
     return _finish_message(session)
+
+
+def _delivered_here_before(envelope, header_block):
+    """RFC 5321 6.3: a message that already carries this server's Delivered-To: for one of
+    its recipients has come round a loop (through a forward and back)."""
+    delivered_to = {line[13:].strip().strip("<>").lower()
+                    for line in header_block.decode("utf-8", "replace").split("\r\n")
+                    if line[:13].lower() == "delivered-to:"}
+    looped = delivered_to and delivered_to_loop(envelope.recipients, delivered_to)
+    return replies.DELIVERED_TO_LOOP.format(address=looped.text) if looped else None
 
 
 def check_text(text, max_size):

@@ -34,7 +34,7 @@ class Users:
         self._lock = threading.Lock()
         self._mtime = None
         self._entries = {}
-        self._checked = 0.0
+        self._watch = WatchedFile(path)
         self.reload()
 
     def reload(self):
@@ -43,19 +43,12 @@ class Users:
             self._entries, self._mtime = entries, mtime
 
     def _refresh(self):
-        now = time.monotonic()
-        if now - self._checked < 1.0:       # look at the file at most once a second
+        if self._watch.new_mtime(self._mtime) is None:
             return
-        self._checked = now
         try:
-            mtime = os.stat(self.path).st_mtime_ns
-        except OSError:
-            return
-        if mtime != self._mtime:
-            try:
-                self.reload()
-            except UsersFileError:
-                pass                        # keep the last good list while the file is edited
+            self.reload()
+        except UsersFileError:
+            pass                            # keep the last good list while the file is edited
 
     def has_mailbox(self, local_part, domain):
         self._refresh()
@@ -76,6 +69,26 @@ class Users:
         # an unknown login costs a hash too, so timing does not tell which logins exist
         matches = passwords.verify_password(stored or UNUSABLE_HASH, password)
         return matches and stored is not None
+
+
+class WatchedFile:
+    """A file looked at again at most once a second, to see whether it has changed."""
+
+    def __init__(self, path):
+        self.path = path
+        self._checked = 0.0
+
+    def new_mtime(self, *known):
+        """The file's mtime if it is none of `known` and a second has passed; else None."""
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return None
+        self._checked = now
+        try:
+            mtime = os.stat(self.path).st_mtime_ns
+        except OSError:
+            return None
+        return None if mtime in known else mtime
 
 
 def read_users_file(path):
@@ -121,7 +134,7 @@ def mailbox_key(name):
 
 
 def add_user(path, login, password_hash):
-    """Add or replace `login:hash` in the users file, atomically."""
+    """Add or replace `login:hash` in the users file, atomically. True if it replaced one."""
     try:
         with open(path, encoding="utf-8") as users_file:
             lines = users_file.read().splitlines()
@@ -130,5 +143,7 @@ def add_user(path, login, password_hash):
     login = mailbox_key(login)
     kept = [line for line in lines
             if mailbox_key(line.split("#", 1)[0].partition(":")[0]) != login]
+    replaced = len(kept) < len(lines)
     kept.append(f"{login}:{password_hash}")
     durable.write_file(path, ("\n".join(kept) + "\n").encode("utf-8"), replace=True, mode=0o644)
+    return replaced

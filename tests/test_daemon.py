@@ -880,3 +880,26 @@ def test_smtputf8_bdat_and_implicit_tls_on_the_real_process():
         assert server.stop() == 0
     finally:
         box.cleanup()
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 14: aliases and forwarding, on the real process
+
+
+def test_aliases_and_forwarding_on_the_real_process(sandbox):
+    mx = sandbox.mx("127.0.0.12")
+    aliases = Sandbox.write_file(sandbox.path("aliases"),
+                                 "team: alice, bob\ncarol: carol@remote.test\n")
+    server = sandbox.start({"users.aliases": aliases,
+                            "relay.routes": route("remote.test", mx)})
+    assert send(server, "dave@example.org", ["team@test.ru", "carol@test.ru"],
+                text("to the team"))[0] == 250
+    for user in ("alice", "bob"):
+        [stored] = sandbox.maildir_messages(f"{user}@test.ru")
+        assert f"Delivered-To: {user}@test.ru\n".encode() in stored
+    assert mx.wait_for(1, timeout=20), server.stderr_text(last=40)
+    mail = next(command for command in mx.commands if command.startswith("MAIL"))
+    assert mail.startswith("MAIL FROM:<SRS0=") and "=example.org=dave@test.ru>" in mail
+    key = os.path.join(sandbox.spool, ".forwarding-key")   # made after the drop, private
+    assert oct(os.stat(key).st_mode & 0o777) == "0o600"
+    assert server.stop() == 0

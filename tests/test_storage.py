@@ -9,6 +9,7 @@ import pytest
 import storage
 from address import NULL_ADDRESS, Address
 from envelope import Client, Envelope, Recipient
+from routing import Router
 from spool import Spool
 from storage import Draft, Maildir, StorageError, is_safe_name
 
@@ -16,6 +17,7 @@ RECEIVED = b"Received: from client.example ([127.0.0.1])\r\n\tby mail.test.ru; S
 TEXT = b"Subject: hello\r\n\r\nHi\r\n.a line with a dot\r\n.\r\nbye\r\n"     # unstuffed
 STUFFED = b"Subject: hello\r\n\r\nHi\r\n..a line with a dot\r\n..\r\nbye\r\n"
 MAILDIR_NAME = re.compile(r"\d+\.M\d+P\d+Q\d+\.[^/:]+")
+ROUTER = Router(("test.ru", "example.test"), lambda local_part, domain: True)
 
 
 class Store:
@@ -28,7 +30,7 @@ class Store:
         self.spool.prepare()
 
     def draft(self, envelope, prefix=RECEIVED):
-        return Draft(self.maildir, self.spool, envelope, prefix)
+        return Draft(self.maildir, self.spool, ROUTER.plan(envelope), prefix)
 
     def deliver(self, envelope, text=TEXT, pieces=1, prefix=RECEIVED):
         draft = self.draft(envelope, prefix)
@@ -76,7 +78,7 @@ def files_under(root):
 
 
 def test_local_delivery_lands_in_new_with_lf_line_ends(store):
-    assert store.deliver(envelope(local=["alice@test.ru"])) is None
+    assert store.deliver(envelope(local=["alice@test.ru"])) == []
     folder = os.path.join(store.maildir.root, "test.ru", "alice")
     for sub in ("tmp", "new", "cur"):
         assert os.path.isdir(os.path.join(folder, sub)), sub
@@ -223,7 +225,7 @@ def test_a_maildir_removed_while_running_is_made_again(store):
 
 def test_spool_tmp_removed_while_running_is_made_again(store):
     os.rmdir(store.spool.tmp)
-    assert store.deliver(envelope(remote=["dave@example.org"])) == "51234-0123456789abcdef"
+    assert store.deliver(envelope(remote=["dave@example.org"])) == ["51234-0123456789abcdef"]
 
 
 def test_stale_files_in_maildir_tmp_are_removed(store):
@@ -241,7 +243,7 @@ def test_stale_files_in_maildir_tmp_are_removed(store):
 
 
 def test_spool_file_name_and_content(store):
-    name = store.deliver(envelope(remote=["dave@example.org", "erin@example.net"],
+    [name] = store.deliver(envelope(remote=["dave@example.org", "erin@example.net"],
                                   port=40001, queue_id="feedface00112233"))
     assert name == "40001-feedface00112233"
     assert sorted(os.listdir(store.spool.directory)) == ["40001-feedface00112233.smtp", "tmp"]
@@ -255,7 +257,7 @@ def test_spool_file_name_and_content(store):
 
 
 def test_spool_holds_only_remote_recipients(store):
-    name = store.deliver(envelope(local=["alice@test.ru"], remote=["dave@example.org"]))
+    [name] = store.deliver(envelope(local=["alice@test.ru"], remote=["dave@example.org"]))
     content = store.spool_content(name)
     assert b"alice" not in content
     assert b"RCPT TO:<dave@example.org>\r\n" in content
@@ -263,7 +265,7 @@ def test_spool_holds_only_remote_recipients(store):
 
 
 def test_spool_records_mail_parameters_but_not_size_or_auth(store):
-    name = store.deliver(envelope(remote=["dave@example.org"], reverse_path="",
+    [name] = store.deliver(envelope(remote=["dave@example.org"], reverse_path="",
                                   parameters={"SIZE": "99", "BODY": "8BITMIME"}),
                          text=b"Subject: \xc3\xa9\r\n\r\n\xff\r\n")
     content = store.spool_content(name)
@@ -273,7 +275,7 @@ def test_spool_records_mail_parameters_but_not_size_or_auth(store):
 
 
 def test_the_spool_file_reads_back(store):
-    name = store.deliver(envelope(remote=["dave@example.org", '"odd name"@example.net'],
+    [name] = store.deliver(envelope(remote=["dave@example.org", '"odd name"@example.net'],
                                   parameters={"BODY": "8BITMIME"}))
     spooled = store.spool.read(name)
     assert spooled.queue_id == "0123456789abcdef"
