@@ -48,6 +48,9 @@ def start_service(config, make_server):
     started = time.time()
     log = make_log(config)
     preload()
+    if config.web_listen:                   # the web view decodes headers of any charset
+        import mailview
+        mailview.preload()
     created = prepare_directories(config)
     try:
         server = make_server(config, log)
@@ -116,6 +119,8 @@ def check_access(config):
     """As the run user: every file readable, every data directory a writable directory."""
     user = pwd.getpwuid(os.geteuid()).pw_name
     readable = [("[users] file", config.users_file)]
+    if config.aliases_file:
+        readable.append(("[users] aliases", config.aliases_file))
     if config.tls_cert:
         readable += [("[tls] cert", config.tls_cert), ("[tls] key", config.tls_key)]
     for label, path in readable:

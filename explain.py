@@ -1,10 +1,13 @@
 """The protocol in words and pictures, all read from the table in state.py: the state
 diagram (`python smtpd.py --fsm`) and the --trace lines beside the dialogue.
 """
+from typing import NamedTuple
+
 import replies
 from replies import Next
 from state import (AUTH_RESPONSE, CLOSED, END_OF_CHUNK, END_OF_DATA, END_OF_LAST_CHUNK, START,
                    STAY, TRANSITIONS)
+from verbs import VERBS
 
 # The reply each cell gives when it goes well (2xx) or asks for more (3xx), for --fsm
 SUCCESS_REPLIES = {
@@ -22,6 +25,28 @@ READ_FIRST = {"BDAT": "its octets"}
 # Mermaid and Graphviz labels cannot hold "<"; the pseudo-verbs get plain names
 EDGE_NAMES = {END_OF_DATA: "CRLF.CRLF", AUTH_RESPONSE: "SASL response",
               END_OF_CHUNK: "chunk", END_OF_LAST_CHUNK: "LAST chunk"}
+# What the input that is not a command is, as verbs.VERBS says what each command does
+INPUT_SUMMARIES = {
+    END_OF_DATA: "the end of the message text, a line with only a period (RFC 5321 4.1.1.4)",
+    END_OF_CHUNK: "the octets of a BDAT chunk, read whole (RFC 3030 2)",
+    END_OF_LAST_CHUNK: "the last BDAT chunk: the message is whole (RFC 3030 2)",
+    AUTH_RESPONSE: "the client's answer to the server's 334 challenge (RFC 4954 4)",
+}
+# RFC 5321 4.2.1: what the first digit of a reply code says
+REPLY_CLASSES = {
+    2: "positive completion: the command was carried out",
+    3: "positive intermediate: the server waits for more",
+    4: "transient negative: not now, the client may try again",
+    5: "permanent negative: the client should not repeat it as it is",
+}
+# Replies that answer no move of the table, by code: what they mean for the session
+NO_MOVE = {
+    220: "the server is ready; the client names itself next, with EHLO or HELO",
+    421: "the server ends the session and closes the connection (RFC 5321 3.8)",
+    500: "not a command line this server can take; the session stays where it was",
+    501: "the arguments are wrong; the session stays where it was",
+    503: "the command is not allowed in this state; the session stays where it was",
+}
 
 
 def edges():
@@ -86,3 +111,24 @@ def describe(session, reply):
     else:
         moves = f"[{session.state}] {outcome}"
     return f"{moves}: {reply.code} {reply.enhanced} ({reply.rfc})".replace("  ", " ")
+
+
+class Annotation(NamedTuple):
+    """What the web view shows beside a reply: the RFC section and one line of meaning."""
+    rfc: str
+    text: str
+
+
+def annotate(transition, reply):
+    """The Annotation of `reply`, sent in answer to the move `transition` (or None: the
+    greeting, a 421, a command the table refused before any move)."""
+    meaning = REPLY_CLASSES.get(reply.code // 100, "")
+    if transition is None:
+        return Annotation(reply.rfc, f"{reply.code}: {NO_MOVE.get(reply.code, meaning)}")
+    verb = transition.verb
+    summary = VERBS[verb].summary if verb in VERBS else INPUT_SUMMARIES.get(verb, "")
+    outcome = "accepted" if reply.code < 300 else \
+        "waiting for more" if reply.code < 400 else "refused"
+    return Annotation(reply.rfc, f"{EDGE_NAMES.get(verb, verb)} {outcome} "
+                                 f"({reply.code}, {meaning.split(':')[0]}): {summary}")
+

@@ -16,6 +16,7 @@ import functools
 import queue
 import threading
 import time
+from typing import NamedTuple, Optional
 
 import dsn
 from bounce import Bouncer, Notice
@@ -28,6 +29,8 @@ from spool import SPOOL_SUFFIX, STATE_SUFFIX, SpoolError
 from storage import StorageError
 
 LOCAL_ERROR = "451 4.3.0 local error in the relay; trying again later"
+# The web view's counter (events.Hub.count) that a recipient's final state adds one to
+COUNTERS = {Status.DONE: "relayed", Status.FAILED: "bounced"}
 
 
 class Attempt:
@@ -60,7 +63,9 @@ class QueueRunner:
         self.log = log
         self.policy = RetryPolicy.from_config(config)
         self.resolver = Resolver(config, log)
-        self.bouncer = Bouncer(config.hostname, router, submit, log)
+        self.bouncer = Bouncer(config.hostname, router, self._submit_notice, log)
+        self._submit = submit
+        self.events = None                  # events.Hub of the web view (watch), or None
         self.schedule = Schedule()
         self.jobs = queue.Queue()           # callables; None stops a worker
         self._records = {}                  # name -> DeliveryRecord, the live copy
@@ -103,17 +108,41 @@ class QueueRunner:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
+    def watch(self, hub):
+        """Tell `hub` (events.Hub, the web view) of every change from now on."""
+        self.events = hub
+
+    def _changed(self, name):
+        if self.events is not None:
+            self.events.queue_changed(name)
+
+    def _count(self, counter, amount=1):
+        if self.events is not None and counter and amount:
+            self.events.count(counter, amount)
+
+    def _submit_notice(self, envelope, message):
+        """The bouncer's way in (the system's submit), counting the copies stored here."""
+        spool_name = self._submit(envelope, message)
+        self._count("local", len(envelope.local_recipients))
+        return spool_name
+
     def enqueue(self, name, due=None):
         """A new spool file (or one to look at again), due now unless told otherwise."""
         self.schedule.add(name, time.time() if due is None else due)
+        self._changed(name)
 
-    def flush(self):
-        """Make every pending recipient and owed notice due now (--flush, SIGUSR1).
+    def flush(self, queue_ids=None):
+        """Make every pending recipient and owed notice due now (--flush, SIGUSR1), or only
+        those of the messages `queue_ids` (the web view's "deliver now" on one message).
         Returns the time of the flush."""
         names = self.spool.names()
+        if queue_ids is not None:
+            names = [name for name in names if name.partition("-")[2] in queue_ids]
         flushed_at = time.time()
         self.schedule.flush(names, flushed_at)
         self.log.info("queue flushed: %d message(s) due now", len(names))
+        for name in names:
+            self._changed(name)
         return flushed_at
 
     def wait_for_one_pass(self, since, timeout=None):
@@ -146,6 +175,7 @@ class QueueRunner:
             return
         self.log.error("[%s] moved to %s: %s (%s)", name, self.spool.corrupt_directory, reason,
                        ", ".join(moved))
+        self._changed(name)
 
     def _forget(self, name):
         with self._records_lock:
@@ -240,7 +270,9 @@ class QueueRunner:
         with attempt.lock:
             for key, state, _ in attempt.record.apply(outcomes, now):
                 self._log_change(attempt, key, state, now)
+                self._count(COUNTERS.get(state.status))
             self._save(attempt)
+        self._changed(attempt.name)
 
     def _log_change(self, attempt, key, state, now):
         text = "sent" if state.status is Status.DONE else state.last_error
@@ -337,6 +369,7 @@ class QueueRunner:
         with self._records_lock:
             self._records.pop(attempt.name, None)
         self.schedule.finish(attempt.name, None)
+        self._changed(attempt.name)
 
 
 def _record_from(data, name, message, policy=DEFAULT_POLICY):
@@ -351,16 +384,60 @@ def _record_from(data, name, message, policy=DEFAULT_POLICY):
 # Queue inspection: python smtpd.py --queue
 
 
-def queue_listing(spool, now=None):
-    """Lines describing every queued message, like Postfix's mailq, then what corrupt/ holds."""
-    now = now or time.time()
-    lines, count = [], 0
+class QueuedMessage(NamedTuple):
+    """One message of the queue as --queue and the web view show it."""
+    name: str                       # the spool name (<port>-<queue id>)
+    message: Optional[object]       # spool.SpooledMessage; None when the file is damaged
+    record: Optional[DeliveryRecord]    # None when the message or its record is damaged
+    problem: str = ""               # what is damaged, in words
+
+    @property
+    def queue_id(self):
+        return self.name.partition("-")[2]
+
+
+def queue_entries(spool):
+    """[QueuedMessage] of every spool file, read from the disk as --queue reads it (a file
+    gone meanwhile, because the relay finished it, is left out)."""
+    entries = []
     for name in spool.names():
-        entry = _listing_entry(spool, name, now)
-        if entry is None:               # gone meanwhile: the relay finished it
+        try:
+            message = spool.read(name)
+        except FileNotFoundError:
             continue
-        lines += entry
-        count += 1
+        except (SpoolError, OSError) as error:
+            entries.append(QueuedMessage(name, None, None, f"damaged: {error}"))
+            continue
+        try:
+            data = spool.read_state(name)
+            record = (DeliveryRecord.new(message) if data is None
+                      else _record_from(data, name, message))
+        except (SpoolError, RecordError, OSError) as error:
+            entries.append(QueuedMessage(name, message, None, f"damaged record: {error}"))
+            continue
+        entries.append(QueuedMessage(name, message, record))
+    return entries
+
+
+def notice_retry_line(record, now):
+    """The notices' own retry, in words, or "" when none has failed."""
+    retry = record.notice_retry
+    if not (record.owed() and retry.attempts):
+        return ""
+    wait = retry.next_attempt - now
+    return (f"notices: {retry.attempts} failed attempt(s), next "
+            f"{'now' if wait <= 0 else 'in ' + duration(wait)}, last error: {retry.last_error}")
+
+
+def queue_listing(spool, now=None, entries=None):
+    """Lines describing every queued message, like Postfix's mailq, then what corrupt/ holds
+    (`entries`: the queue_entries already read)."""
+    now = now or time.time()
+    lines = []
+    entries = queue_entries(spool) if entries is None else entries
+    for entry in entries:
+        lines += _listing_entry(entry, now)
+    count = len(entries)
     lines.append(f"-- {count} message(s) in the queue" if count else "Mail queue is empty")
     corrupt = spool.corrupt()
     for file_name in corrupt:
@@ -370,27 +447,17 @@ def queue_listing(spool, now=None):
     return lines
 
 
-def _listing_entry(spool, name, now):
-    try:
-        message = spool.read(name)
-    except FileNotFoundError:
-        return None
-    except (SpoolError, OSError) as error:
-        return [f"{name}{SPOOL_SUFFIX}  damaged: {error}"]
+def _listing_entry(entry, now):
+    message, record = entry.message, entry.record
+    if message is None:
+        return [f"{entry.name}{SPOOL_SUFFIX}  {entry.problem}"]
     lines = [f"{message.queue_id}  age {duration(now - message.created)}  "
              f"{message.text_size} octets  from <{message.envelope.reverse_path.text}>  "
-             f"({name}{SPOOL_SUFFIX})"]
-    try:
-        data = spool.read_state(name)
-        record = (DeliveryRecord.new(message) if data is None
-                  else _record_from(data, name, message))
-    except (SpoolError, RecordError, OSError) as error:
-        return lines + [f"    damaged record: {error}"]
+             f"({entry.name}{SPOOL_SUFFIX})"]
+    if record is None:
+        return lines + [f"    {entry.problem}"]
     lines += [f"    <{key}>  {describe(state, now)}" for key, state in record.recipients.items()]
-    retry = record.notice_retry
-    if record.owed() and retry.attempts:
-        wait = retry.next_attempt - now
-        lines.append(f"    notices: {retry.attempts} failed attempt(s), next "
-                     f"{'now' if wait <= 0 else 'in ' + duration(wait)}, "
-                     f"last error: {retry.last_error}")
+    notices = notice_retry_line(record, now)
+    if notices:
+        lines.append(f"    {notices}")
     return lines

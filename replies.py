@@ -100,7 +100,8 @@ BAD_PARAMETER = Reply(555, "5.5.4", "Parameter not recognised or not implemented
 BAD_PARAMETER_VALUE = Reply(501, "5.5.4", "Bad parameter: {problem}", "RFC 3461 4")
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "A non-ASCII address needs MAIL FROM:<...> SMTPUTF8",
                        "RFC 6531 3.2")
-NO_SUCH_USER = Reply(550, "5.1.1", "<{address}>: no such mailbox here", "RFC 5321 3.6.2")
+NO_SUCH_USER = Reply(550, "5.1.1", "<{address}>: no such mailbox here",
+                     "RFC 5321 3.3, 4.2.2")
 RELAY_DENIED = Reply(554, "5.7.1", "<{address}>: relay access denied", "RFC 5321 3.6.2")
 NOT_YOUR_ADDRESS = Reply(553, "5.7.1", "<{address}>: not an address of {login}",
                          "RFC 6409 6.1")

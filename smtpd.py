@@ -24,61 +24,23 @@ import time
 import commands
 import config as configuration
 import daemon
+import events
 import explain
 import replies
 import state
+from aliases import AliasError
 from connection import ClientTooSlow, Connection, LineTooLong
 from envelope import Client
 from mailsystem import MailSystem
 from replies import Next
+from sessionlog import SessionLog, format_peer, loggable
 from storage import StorageError
 from users import UsersFileError
 
+# The pseudo-verbs whose 250 means "stored" (RFC 5321 6.1), for the web view's counters
+MESSAGE_ENDS = frozenset({state.END_OF_DATA, state.END_OF_LAST_CHUNK})
 
 
-class SessionLog:
-    """The dialogue log of one session: `[id] ip:port -> reply` and `<- command`."""
-
-    def __init__(self, log, session_id, peer):
-        self.log = log
-        self.tag = f"[{session_id}] {peer}"
-        self.enabled = log.enabled()        # skip formatting when nothing is logged
-
-    def sent(self, reply):
-        if self.enabled:
-            for line in reply.lines():
-                self.log.dialogue(f"{self.tag} -> {line}")
-
-    def received(self, line):
-        if self.enabled:
-            self.log.dialogue(f"{self.tag} <- {line}")
-
-    def trace(self, text):
-        """--trace: state changes and RFC sections, beside the dialogue."""
-        self.log.dialogue(f"{self.tag}    {text}")
-
-    def info(self, text, *args):
-        self.log.info(f"%s {text}", self.tag, *args)
-
-    def error(self, text, *args, exc_info=False):
-        self.log.error(f"%s {text}", self.tag, *args, exc_info=exc_info)
-
-
-def loggable(line):
-    """A command line as the log shows it: UTF-8 as text (an SMTPUTF8 address), invalid octets
-    and control characters escaped (a stray CR must not forge a log line), AUTH with its
-    mechanism but never its credentials (RFC 4954 14)."""
-    text = line.decode("utf-8", "backslashreplace")
-    if not text.isprintable():
-        text = "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in text)
-    verb, _, argument = text.partition(" ")
-    if verb.upper() == "AUTH" and " " in argument.strip():
-        return f"{verb} {argument.split()[0]} (credentials not logged)"
-    return text
-
-
-def format_peer(ip, port):
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 class SessionRunner:
@@ -89,11 +51,14 @@ class SessionRunner:
         self.config = listener.system.config
         self.ip, self.port = client_address[:2]
         self.session = state.Session(listener.policy, Client(self.ip, self.port))
-        self.log = SessionLog(listener.system.log, self.session.id,
-                              format_peer(self.ip, self.port))
+        peer = format_peer(self.ip, self.port)
         self.connection = Connection(request, self.config, listener.shutdown_signal.wakeup,
                                      listener.system.log)
+        hub = listener.events
+        self.log = SessionLog(listener.system.log, self.session.id, peer,
+                              hub.open_session(self.session, peer) if hub else None)
         self.trace_after = None         # --trace: the line that follows the next reply
+        self.transition = None          # the move of the reply about to be sent
 
     def run(self):
         connection, log = self.connection, self.log
@@ -112,6 +77,8 @@ class SessionRunner:
             state.end_session(self.session)
             connection.close()
             log.info("disconnected")
+            if log.record is not None:
+                self.listener.events.close_session(log.record)
 
     def converse(self):
         if self.listener.implicit_tls:          # RFC 8314 3.3: TLS from the first byte
@@ -165,7 +132,7 @@ class SessionRunner:
         if tracing:
             self.log.trace("reading message text until <CRLF>.<CRLF> (RFC 5321 4.1.1.4)")
             progress = lambda octets: self.log.trace(f"DATA: {octets} octets so far")
-        text = self.session.text
+        text, envelope = self.session.text, self.session.envelope
         if not self.connection.read_text(text, progress):
             self.log.info("client left during DATA; nothing stored")
             return None
@@ -174,25 +141,39 @@ class SessionRunner:
         if tracing:
             for note in explain.framing_notes(text):
                 self.log.trace(note)
-        return self.run_step(state.receive_text)
+        return self._stored(self.run_step(state.receive_text), envelope, text)
 
     def receive_chunk(self, octets):
         """Read a BDAT chunk into the message (or drop it, when BDAT was refused) and return
         its reply (RFC 3030 2)."""
-        if not self.connection.read_chunk(octets, self.session.text):
+        text, envelope = self.session.text, self.session.envelope
+        if not self.connection.read_chunk(octets, text):
             self.log.info("client left during BDAT; nothing stored")
             return None
         self.log.received(f"(BDAT chunk, {octets} octets)")
-        return self.run_step(state.receive_chunk)
+        return self._stored(self.run_step(state.receive_chunk), envelope, text)
+
+    def _stored(self, reply, envelope, text):
+        """Count a message the reply says was stored (RFC 5321 6.1: the 250 after the end of
+        the text, or of the LAST chunk)."""
+        move = self.transition
+        if reply.code < 300 and move is not None and move.verb in MESSAGE_ENDS:
+            self.log.accepted(envelope, text.size)
+        return reply
 
     def run_step(self, step, *argument):
         """Run one protocol step; an unexpected error costs the transaction, not the session."""
         try:
             reply = step(self.session, *argument)
+            self.transition = self.session.transition
         except Exception:
             self.log.error("error while handling a command; transaction discarded",
                            exc_info=True)
             reply = state.abort_transaction(self.session)
+            self.transition = None
+        if reply.then is Next.CHUNK:            # no reply line: the move is shown alone
+            self.log.moved(self.transition)
+            self.transition = None
         if self.config.trace:                   # logged after the reply line (send)
             self.trace_after = explain.describe(self.session, reply)
             if reply.then is Next.CHUNK:        # no reply line comes first
@@ -216,7 +197,8 @@ class SessionRunner:
         if reply.delay:
             self.connection.flush()
             time.sleep(reply.delay)
-        self.log.sent(reply)
+        self.log.sent(reply, self.transition)
+        self.transition = None
         if self.trace_after:
             self.log.trace(self.trace_after)
             self.trace_after = None
@@ -309,8 +291,9 @@ class Listener(socketserver.TCPServer):
     request_queue_size = 4096       # a burst of connects waits in the kernel, not dropped
 
     def __init__(self, system, admission, shutdown, port, auth_required=False,
-                 implicit_tls=False):
+                 implicit_tls=False, events=None):
         self.system = system
+        self.events = events            # events.Hub when the web view is on, else None
         self.admission = admission
         self.shutdown_signal = shutdown
         self.auth_required = auth_required
@@ -439,12 +422,17 @@ class Server:
         self.system = MailSystem(config, log)
         self.shutdown = Shutdown()
         admission = Admission(config)
+        self.events = events.Hub() if config.web_listen else None
         self.listeners = []
+        self.web = None
+        hub = self.events
         try:
-            self.listeners.append(Listener(self.system, admission, self.shutdown, config.port))
+            self.listeners.append(Listener(self.system, admission, self.shutdown, config.port,
+                                           events=hub))
             if config.submission_port:
                 self.listeners.append(Listener(self.system, admission, self.shutdown,
-                                               config.submission_port, auth_required=True))
+                                               config.submission_port, auth_required=True,
+                                               events=hub))
             if config.submissions_port:
                 if self.system.tls_context is None:
                     raise configuration.ConfigError(
@@ -452,7 +440,9 @@ class Server:
                         "first byte)")
                 self.listeners.append(Listener(self.system, admission, self.shutdown,
                                                config.submissions_port, auth_required=True,
-                                               implicit_tls=True))
+                                               implicit_tls=True, events=hub))
+            if config.web_listen:
+                self.web = make_web_view(self)
         except BaseException:
             self.close()
             raise
@@ -473,6 +463,10 @@ class Server:
             kind = "submissions (TLS, AUTH required) " if listener.implicit_tls else \
                 "submission (AUTH required) " if listener.auth_required else ""
             self.log.info("%slistening on %s", kind, format_peer(*listener.address))
+        if self.web:
+            self.system.queue.watch(self.events)
+            self.web.start()
+            self.log.info("web view on %s", self.web.url)
         return self
 
     def stop(self, grace=None):
@@ -490,6 +484,8 @@ class Server:
                                self.config.timeout if grace is None else grace)
         for listener in self.listeners:
             listener.end_sessions()
+        if self.web:
+            self.web.stop()
         self.system.stop()
         self.shutdown.close()
         self.log.info("stopped")
@@ -499,7 +495,17 @@ class Server:
         """Undo a Server that never started (start-up failed after binding)."""
         for listener in self.listeners:
             listener.server_close()
+        if self.web:
+            self.web.close()
         self.shutdown.close()
+
+
+def make_web_view(server):
+    """The web view (web.py), bound now: before the privilege drop, like the SMTP ports.
+    Imported here, so that no SMTP module depends on the web side and a server without
+    [web] listen never loads it. Raises ConfigError with the one line to show."""
+    import web
+    return web.WebView(server)
 
 
 def start(config, log=None, console=True):
@@ -530,8 +536,8 @@ def main(argv=None):
         if args.add_user:
             return commands.add_user(config, args.add_user)
         server = daemon.start_service(config, Server)
-    except (configuration.ConfigError, daemon.StartupError, StorageError,
-            UsersFileError) as error:
+    except (configuration.ConfigError, daemon.StartupError, StorageError, UsersFileError,
+            AliasError) as error:
         return commands.fail(f"smtpd: {error}")
     return serve_until_signalled(server)
 

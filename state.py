@@ -201,25 +201,32 @@ def expn(session, argument):
 def help_(session, argument):
     topic = argument.strip().upper()
     if not topic:
-        return replies.HELP.format(text="\n".join(help_overview()))
+        return replies.HELP.format(text="\n".join(help_overview(session.policy)))
     if topic not in VERBS:
         return replies.HELP.format(
             text=f"No help for {replies.quoted(topic)!r}; try HELP alone")
-    return replies.HELP.format(text="\n".join(help_for(topic)))
+    return replies.HELP.format(text="\n".join(help_for(topic, session.policy)))
 
 
-def help_overview():
-    return ["Commands: " + " ".join(VERBS),
+def help_overview(policy=None):
+    """The commands this server takes; STARTTLS only when a certificate is configured
+    (RFC 3207 4: without one it could only answer 454)."""
+    verbs = [verb for verb in VERBS if verb != "STARTTLS" or policy is None
+             or policy.tls_available]
+    return ["Commands: " + " ".join(verbs),
             "HELP <command> shows its syntax, where it is allowed, and its RFC section"]
 
 
-def help_for(verb):
+def help_for(verb, policy=None):
     info = VERBS[verb]
     allowed = states_allowing(verb)
-    return [f"{verb}: {info.summary}",
-            f"Syntax: {info.syntax}",
-            f"Allowed in: {', '.join(allowed) if allowed else 'no state'}",
-            f"See {info.rfc}"]
+    lines = [f"{verb}: {info.summary}",
+             f"Syntax: {info.syntax}",
+             f"Allowed in: {', '.join(allowed) if allowed else 'no state'}",
+             f"See {info.rfc}"]
+    if verb == "STARTTLS" and policy is not None and not policy.tls_available:
+        lines.insert(1, "Not offered here: no certificate is configured ([tls] cert, key)")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------

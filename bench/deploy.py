@@ -6,7 +6,9 @@ costs when it is run as users run it, rather than how fast it moves mail.
 - logcost: server CPU seconds for N pipelined NOOPs on one session with the dialogue log on
   (`[log] level = INFO`, to the log file and the console) and off (`WARNING`);
 - idletls: the server's CPU while 500 sessions that did STARTTLS sit idle, against 500 plain
-  idle sessions.
+  idle sessions;
+- webcost: server CPU for N pipelined NOOPs with the web view off and on with no page open
+  (issue 16: watching costs nothing when nobody watches).
 
 Everything is read from /proc of the server's process tree (the server and any process it
 forks): VmRSS from status, utime + stime from stat, context switches from each thread's
@@ -41,6 +43,8 @@ NOOPS = 1_000_000
 NOOPS_QUICK = 200_000
 NOOP_BATCH = 1000               # NOOPs per send()
 NOOP_TIMEOUT = 300              # seconds for all the replies
+
+WEB_ROUNDS = 3                  # runs of the web-view measurement, off and on each
 
 TLS_SESSIONS = 500
 IDLE_WINDOW = 10.0              # seconds of wall time the idle CPU is measured over
@@ -398,6 +402,64 @@ def log_cost(start, noops=NOOPS, batch=NOOP_BATCH):
     return rows
 
 
+# ---------------------------------------------------------------------------------------
+# 4. The web view with nobody watching (issue 16)
+
+
+def web_cost(start, noops=NOOPS, batch=NOOP_BATCH, rounds=WEB_ROUNDS):
+    """Server CPU for `noops` pipelined NOOPs with `[web] listen` empty (off) and set (on,
+    no page open), the dialogue log off in both (WARNING, so that only the web view's hook
+    differs), `rounds` times each, alternating. Returns rows of the medians."""
+    samples, errors = {"off": [], "on": []}, {"off": [], "on": []}
+    for _ in range(rounds):
+        for mode in ("off", "on"):
+            listen = f"{HOST}:{free_tcp_port()}" if mode == "on" else ""
+            settings = {"log": {"level": "WARNING"}, "web": {"listen": listen}}
+            try:
+                samples[mode].append(noop_cpu(start, settings, noops, batch))
+            except (OSError, RuntimeError) as error:
+                errors[mode].append(summary(error))
+    rows = []
+    for mode in ("off", "on"):
+        cpus = sorted(samples[mode])
+        row = dict(mode=mode, noops=noops, rounds=rounds, cpu_samples_s=cpus,
+                   error="; ".join(errors[mode]) or None)
+        if cpus:
+            median = cpus[len(cpus) // 2]
+            row.update(cpu_s=median, us_per_command=median / noops * 1e6)
+        rows.append(row)
+    return rows
+
+
+def noop_cpu(start, settings, noops, batch):
+    """CPU seconds of the server's processes for `noops` pipelined NOOPs on one session."""
+    peer = sock = None
+    try:
+        peer = start("smtpd", settings)
+        sock = open_session(peer.port)
+        time.sleep(0.3)
+        pids = process_tree(peer.process.pid)
+        before = cpu_seconds(pids)
+        counted = pipeline_noops(sock, noops, batch)
+        time.sleep(0.3)
+        used = cpu_seconds(process_tree(peer.process.pid)) - before
+        if counted != noops:
+            raise RuntimeError(f"{counted} replies, expected {noops}")
+        command(sock, b"QUIT", b"221")
+        return used
+    finally:
+        if sock is not None:
+            close_quietly(sock)
+        if peer is not None:
+            peer.stop()
+
+
+def free_tcp_port():
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
 def pipeline_noops(sock, noops, batch):
     """Send `noops` NOOPs in batches while a thread reads the replies; returns the number
     of reply lines read (every NOOP gets a one-line 250)."""
@@ -628,6 +690,9 @@ def report(deploy, say, checks, notes=None):
             "smtpd.log keeps only its last 10 MB and 5 rotated copies, so the files left on "
             "disk undercount it.")
         say("")
+    rows = deploy.get("webcost")
+    if rows:
+        web_report(rows, say, note)
     rows = deploy.get("idletls")
     if rows:
         sessions = rows[0]["sessions"]
@@ -654,3 +719,34 @@ def report(deploy, say, checks, notes=None):
             "Plain sessions idle after EHLO; TLS sessions after STARTTLS, the handshake and a "
             "second EHLO (self-signed RSA 2048 certificate).")
         say("")
+
+
+def web_report(rows, say, note):
+    """The web view's section: NOOP CPU with [web] listen off and on, nobody watching."""
+    noops, rounds = rows[0]["noops"], rows[0]["rounds"]
+    say(f"### The web view with nobody watching: {noops:,} pipelined NOOPs, "
+        f"median of {rounds} runs (issue 16)")
+    say("")
+    note("webcost")
+    say("| `[web] listen` | server CPU (median) | per command | every run |")
+    say("|---|---:|---:|---|")
+    by_mode = {}
+    for row in rows:
+        label = "empty (off)" if row["mode"] == "off" else "127.0.0.1:port (on, no page open)"
+        if row.get("cpu_s") is None:
+            say(f"| {label} | FAIL: {row['error']} | | |")
+            continue
+        by_mode[row["mode"]] = row
+        say(f"| {label} | {row['cpu_s']:.2f} s | {row['us_per_command']:.2f} µs | "
+            + ", ".join(f"{cpu:.2f}" for cpu in row["cpu_samples_s"]) + " s |")
+    if {"off", "on"} <= by_mode.keys():
+        off, on = by_mode["off"], by_mode["on"]
+        say(f"| the view's cost | {on['cpu_s'] - off['cpu_s']:+.2f} s | "
+            f"{on['us_per_command'] - off['us_per_command']:+.2f} µs | |")
+        say("")
+        say(f"With the view on and no page open, a command costs "
+            f"{(on['cpu_s'] / off['cpu_s'] - 1) * 100:+.1f}% CPU: each line of the dialogue "
+            "is one tuple appended to its session's recent lines, formatted only when a page "
+            "asks. The dialogue log is off (WARNING) in both, so only the view differs.")
+    say("")
+

@@ -66,7 +66,7 @@ IDLE_LEVELS = (100, 500, 1000, 2000)
 IDLE_RSS_TARGET_KIB = 32
 NEW_CLIENT_TARGET_MS = 100
 BURST = 1024
-DEPLOY_KEYS = ("bigmsg", "logcost", "idletls")      # --only deploy: all three
+DEPLOY_KEYS = ("bigmsg", "logcost", "idletls", "webcost")    # --only deploy: all four
 BIGMSG_PEERS = ("smtpd", "aiosmtpd")
 
 WORKLOAD_TIMEOUT = 180          # seconds: smtp-source is killed after this, the run fails
@@ -753,6 +753,16 @@ def run_deploy(tools, work, selected, quick, into):
                 f"{row['console_octets'] / 1e6:.1f} MB, log file "
                 f"{row['log_file_octets'] / 1e6:.1f} MB" if row.get("cpu_s") is not None
                 else "") + (f"  FAILED: {row['error']}" if row["error"] else ""), flush=True)
+    if "webcost" in selected:
+        noops = deploy.NOOPS_QUICK if quick else deploy.NOOPS
+        rows = deploy.web_cost(start, noops)
+        into["webcost"] = rows
+        for row in rows:
+            print(f"webcost {row['mode']:<9} " + (
+                f"{row['cpu_s']:.2f} s CPU for {noops:,} NOOPs ({row['us_per_command']:.2f} µs "
+                f"each; runs: {', '.join(f'{cpu:.2f}' for cpu in row['cpu_samples_s'])})"
+                if row.get("cpu_s") is not None else "")
+                + (f"  FAILED: {row['error']}" if row["error"] else ""), flush=True)
     if "idletls" in selected:
         try:
             rows = deploy.idle_tls(start, work)
@@ -814,7 +824,7 @@ def carry_over(results, json_path, md_path):
     origin = previous.get("measured") or earlier_run_from_report(md_path)
     carried = results.setdefault("carried", {})
     for section in SECTIONS:
-        if section == "deploy":                 # its three parts are carried one by one
+        if section == "deploy":                 # its parts are carried one by one
             for key in DEPLOY_KEYS:
                 if not results["deploy"].get(key) and previous.get("deploy", {}).get(key):
                     results["deploy"][key] = previous["deploy"][key]
@@ -851,7 +861,7 @@ def main():
                         help="where results.md, results.png, results.json go")
     parser.add_argument("--only", default="",
                         help="comma-separated subset: " + ",".join(w["key"] for w in WORKLOADS)
-                        + ",idle,burst," + ",".join(DEPLOY_KEYS) + " (deploy: all three)")
+                        + ",idle,burst," + ",".join(DEPLOY_KEYS) + " (deploy: all four)")
     parser.add_argument("--rev", metavar="REV",
                         help="measure smtpd as committed at git revision REV (exported to "
                              "the temporary directory) instead of the working tree")
