@@ -36,6 +36,7 @@ DEFAULTS = {
         "max_errors": "10",
         "max_rejected_recipients": "20",
         "user": "nobody",
+        "processes": "1",
     },
     "domains": {"local": "test.ru"},
     "users": {"file": "users", "aliases": "", "suffix_separators": "+"},
@@ -53,6 +54,8 @@ DEFAULTS = {
         "data_timeout": "600",
         "tls": "yes",
         "chunking": "yes",
+        "ca_file": "",
+        "mta_sts": "yes",
         "delay_warning": "14400",
     },
     "tls": {"cert": "", "key": "", "submission_port": "0", "submissions_port": "0"},
@@ -60,6 +63,8 @@ DEFAULTS = {
              "sender_login_match": "yes"},
     "log": {"dir": "logs", "level": "INFO", "trace": "no"},
     "web": {"listen": "", "password": ""},
+    "dkim": {"keys": "", "selector": "s1"},
+    "checks": {"spf": "tag", "dkim": "tag", "dmarc": "tag"},
 }
 
 # The path keys whose value in the shipped conf/smtpd.conf is "../" + the built-in default.
@@ -67,6 +72,10 @@ SHIPPED_ONE_LEVEL_UP = (("storage", "maildir"), ("storage", "spool"), ("log", "d
 # Where the shipped file turns on what the built-in defaults leave off
 SHIPPED_ON = {("users", "aliases"): "aliases",              # conf/aliases, all commented out
               ("web", "listen"): "127.0.0.1:8025"}          # the live view, loopback only
+
+
+# [checks]: what a failed check does (issue 15)
+CHECK_MODES = ("off", "tag", "enforce")
 
 
 class ConfigError(Exception):
@@ -87,6 +96,7 @@ class Config:
     max_recipients: int
     max_errors: int             # bad commands (syntax, sequence, unknown verbs) before 421
     max_rejected_recipients: int    # RCPTs refused with 550/554 before 421
+    processes: int              # server processes accepting on the port (0: one per core)
     user: str
     local_domains: tuple
     users_file: str
@@ -106,6 +116,8 @@ class Config:
     relay_data_timeout: float   # [relay] data_timeout: waiting for the reply to the final dot
     relay_tls: str              # yes (opportunistic), no, require
     relay_chunking: bool        # BDAT to a next hop that offers CHUNKING (RFC 3030)
+    relay_ca_file: str          # CA certificates for MTA-STS checks; "": the system's
+    mta_sts: bool               # honour MTA-STS policies (RFC 8461) and remember TLS
     delay_warning: float        # seconds in the queue before a "delayed" DSN; 0: never
     tls_cert: str
     tls_key: str
@@ -120,6 +132,10 @@ class Config:
     trace: bool
     web_listen: tuple           # (host, port) of the live web view, or () when it is off
     web_password: str           # HTTP basic auth; "" allows loopback clients only
+    dkim_keys: dict             # local domain -> (selector, path of its PEM private key)
+    check_spf: str              # off, tag (headers only) or enforce (RFC 7208)
+    check_dkim: str             # off, tag or enforce (RFC 6376)
+    check_dmarc: str            # off, tag or enforce (RFC 7489)
     config_file: str            # the file read (absolute), or "" when there was none
 
 
@@ -247,6 +263,7 @@ def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
         max_recipients=value.integer("server", "max_recipients", minimum=1),
         max_errors=value.integer("server", "max_errors", minimum=1),
         max_rejected_recipients=value.integer("server", "max_rejected_recipients", minimum=1),
+        processes=value.processes("server", "processes"),
         user=value.text("server", "user"),
         local_domains=value.domains("domains", "local"),
         users_file=value.path("users", "file"),
@@ -266,6 +283,8 @@ def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
         relay_data_timeout=value.number("relay", "data_timeout"),
         relay_tls=value.choice("relay", "tls", ("yes", "no", "require")),
         relay_chunking=value.boolean("relay", "chunking"),
+        relay_ca_file=value.path("relay", "ca_file", required=False),
+        mta_sts=value.boolean("relay", "mta_sts"),
         delay_warning=value.number("relay", "delay_warning", minimum=0),
         tls_cert=value.path("tls", "cert", required=False),
         tls_key=value.path("tls", "key", required=False),
@@ -280,6 +299,10 @@ def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
         trace=value.boolean("log", "trace"),
         web_listen=value.listen("web", "listen"),
         web_password=value.text("web", "password", required=False),
+        dkim_keys=value.dkim_keys("dkim", "keys", "selector"),
+        check_spf=value.choice("checks", "spf", CHECK_MODES),
+        check_dkim=value.choice("checks", "dkim", CHECK_MODES),
+        check_dmarc=value.choice("checks", "dmarc", CHECK_MODES),
         config_file=config_file,
     )
 
@@ -406,6 +429,32 @@ class _Reader:
         if not host or not 0 < port < 65536:
             self.fail(section, key, f"{item!r} is not host[:port]")
         return host, port
+
+    def processes(self, section, key):
+        """A number of processes, or `auto` (one per core)."""
+        if self.raw(section, key).lower() == "auto":
+            return 0
+        return self.integer(section, key, minimum=1, maximum=256)
+
+    def dkim_keys(self, section, key, selector_key):
+        """`test.ru=conf/dkim/test.ru.pem, ...` (a `selector:` before the path overrides
+        [dkim] selector) -> {domain: (selector, absolute path)}."""
+        default_selector = self.text(section, selector_key)
+        keys = {}
+        for item in self.items(section, key):
+            domain, equals, path = item.partition("=")
+            selector, colon, path = path.strip().rpartition(":") if ":" in path else \
+                ("", "", path.strip())
+            try:
+                domain = domain_name(domain.strip())
+            except AddressError:
+                equals = ""
+            if not equals or not path:
+                self.fail(section, key, f"{item!r} is not domain=[selector:]path")
+            path = path if os.path.isabs(path) else os.path.normpath(os.path.join(self.base,
+                                                                                  path))
+            keys[domain] = (selector or default_selector, path)
+        return keys
 
     def separators(self, section, key):
         """Characters that start a local part's suffix (alice+lists): no letter or digit,
