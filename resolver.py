@@ -30,7 +30,7 @@ import dns.rrset
 
 # The record types a lookup here can meet: asked for, or met on the way (CNAME chains,
 # the SOA of a negative answer, NS records in the authority section)
-RECORD_TYPES = ("MX", "A", "AAAA", "CNAME", "SOA", "NS")
+RECORD_TYPES = ("MX", "A", "AAAA", "CNAME", "SOA", "NS", "TXT", "PTR")
 ADDRESS_TYPES = ("A", "AAAA")
 
 
@@ -41,6 +41,17 @@ class DeliveryError(Exception):
         super().__init__(reply)
         self.reply = reply
         self.permanent = permanent
+
+
+class LookupFailed(Exception):
+    """A DNS lookup that got no answer (a timeout, SERVFAIL, no nameserver): try later."""
+
+
+class Answer(NamedTuple):
+    """What a lookup found: the records (empty when there are none of that type), and
+    whether the name exists at all (False: NXDOMAIN)."""
+    records: tuple
+    exists: bool = True
 
 
 class Hop(NamedTuple):
@@ -59,6 +70,19 @@ class Resolver:
         self.dns = _dns_resolver(config.nameservers)
         self.dns.lifetime = config.connect_timeout
         self.dns.timeout = config.connect_timeout
+
+    def lookup(self, name, record_type):
+        """Records of one type: an Answer, or LookupFailed when DNS gave none. The one way
+        to ask DNS for everything else (SPF, DMARC, MTA-STS), on the same nameservers."""
+        try:
+            answer = self.dns.resolve(name, record_type, search=False)
+        except dns.resolver.NXDOMAIN:
+            return Answer((), exists=False)
+        except dns.resolver.NoAnswer:
+            return Answer(())
+        except dns.exception.DNSException as error:
+            raise LookupFailed(f"{record_type} lookup for {name}: {error}") from None
+        return Answer(tuple(answer))
 
     def next_hops(self, domain, tag=""):
         """[Hop] in the order to try them. Raises DeliveryError."""
@@ -182,7 +206,8 @@ def preload():
     for record_type in RECORD_TYPES:
         dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(record_type))
     samples = {"MX": "10 mx.example.", "A": "192.0.2.1", "AAAA": "2001:db8::1",
-               "CNAME": "other.example.", "NS": "ns.example.",
+               "CNAME": "other.example.", "NS": "ns.example.", "TXT": '"v=spf1 -all"',
+               "PTR": "host.example.",
                "SOA": "ns.example. admin.example. 1 3600 600 86400 60"}
     query = dns.message.make_query("example.", "MX", use_edns=True)
     response = dns.message.make_response(query)
