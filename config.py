@@ -172,6 +172,13 @@ def build_parser():
                         help="make every queued message due now (like postqueue -f) and exit")
     parser.add_argument("--add-user", metavar="USER@DOMAIN",
                         help="add a mailbox, prompting for its password, and exit")
+    parser.add_argument("--dkim-keygen", metavar="DOMAIN",
+                        help="make a DKIM key for DOMAIN, print the DNS record to publish, "
+                             "and exit")
+    parser.add_argument("--selector", metavar="S",
+                        help="the DKIM selector for --dkim-keygen (default [dkim] selector)")
+    parser.add_argument("--tls-domains", action="store_true",
+                        help="list the domains known to take mail over valid TLS, and exit")
     parser.add_argument("--fsm", nargs="?", const="mermaid", choices=("mermaid", "dot"),
                         help="print the state machine (Mermaid, or Graphviz with 'dot') and exit")
     return parser
