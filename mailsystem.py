@@ -5,6 +5,8 @@ queue runner that delivers it, and the TLS certificate. Listeners (smtpd.py) tur
 protocol `Policy`; the bounce builder and anything else that makes mail call `submit`.
 
     open_message(envelope, prefix) -> Draft      the text is written as it arrives
+    open_message(envelope, prefix, checked=True) the same for mail checks.py checks: our
+                                                 own Authentication-Results taken out
     submit(draft)                                durable in Maildir and spool, queue told
     submit_message(envelope, message)            the same for a message already in memory
 """
@@ -12,13 +14,16 @@ import secrets
 import ssl
 import time
 
+import authresults
 import dsn
 import queuerunner
 import state
 from aliases import Aliases
 from bounce import Notice
+from checks import Checks
 from config import ConfigError
 from forwarding import Forwarder
+from resolver import Resolver
 from routing import Router
 from spool import Spool
 from storage import Draft, Maildir, StorageError
@@ -37,6 +42,8 @@ class MailSystem:
         self.maildir = Maildir(config.maildir)
         self.spool = Spool(config.spool)
         self.tls_context = make_tls_context(config)
+        # [checks] (issue 15): asked of the server's own nameservers, as the relay is
+        self.checks = Checks.from_config(config, Resolver(config, log).lookup, log)
         self.queue = None
         self._spool_lock = None
 
@@ -89,13 +96,16 @@ class MailSystem:
             max_auth_failures=config.auth_max_failures,
             auth_failure_delay=config.auth_failure_delay,
             may_send_as=self.router.may_send_as if config.sender_login_match else None,
+            checks=self.checks,
         )
 
     # The one way in
 
-    def open_message(self, envelope, prefix=b""):
+    def open_message(self, envelope, prefix=b"", checked=False):
         """A Draft that writes the text, as it arrives, to the files the router plans for it
-        (Maildir copies, the spool file, forwards). Raises StorageError."""
+        (Maildir copies, the spool file, forwards). `checked`: mail from outside, whose
+        Authentication-Results fields with our authserv-id are forged (RFC 8601 5) and
+        removed from every copy. Raises StorageError."""
         plan = self.router.plan(envelope)
         for forward in plan.forwards:
             forward.envelope.queue_id = secrets.token_hex(8)
@@ -103,10 +113,14 @@ class MailSystem:
                           forward.delivered_to.text, forward.envelope.queue_id,
                           ", ".join(f"<{r.address.text}>" for r in forward.envelope.recipients))
         try:
-            return Draft(self.maildir, self.spool, plan, prefix)
+            return Draft(self.maildir, self.spool, plan, prefix,
+                         self._own_fields if checked else None)
         except StorageError as problem:
             self.log.error("[%s] cannot store a message: %s", envelope.queue_id, problem)
             raise
+
+    def _own_fields(self):
+        return authresults.OwnFields(self.config.hostname)
 
     def submit(self, draft, headers=b""):
         """Make the message durable (RFC 5321 6.1), then tell the queue about its remote

@@ -159,3 +159,18 @@ ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated", "RFC 4954 4
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required", "RFC 4954 6")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "{hostname} too many failed logins, closing "
                                "connection", "RFC 4954 4", CLOSE)
+
+# Checks of incoming mail ([checks] enforce; checks.py). RFC 7372 gives SPF and DKIM their
+# enhanced codes; the text says which check failed, for whom.
+SPF_FAILED = Reply(550, "5.7.23", "SPF check of {domain} failed for {ip}{explanation} "
+                   "(RFC 7208 8.4)", "RFC 7372 3.2, RFC 7208 8.4")
+SPF_TEMPORARY = Reply(451, "4.7.24", "SPF check of {domain} could not be completed: "
+                      "{reason}; try again later", "RFC 7372 3.2, RFC 7208 8.6")
+DKIM_FAILED = Reply(550, "5.7.20", "No valid DKIM signature ({count} checked; {domain}: "
+                    "{reason})", "RFC 7372 3.1")
+DKIM_TEMPORARY = Reply(451, "4.7.5", "DKIM key of {domain} could not be looked up: {reason}; "
+                       "try again later", "RFC 3463 3.8, RFC 6376 6.1.2")
+DMARC_REJECTED = Reply(550, "5.7.1", "DMARC policy of {domain} (p=reject) refuses this "
+                       "message: {reason}", "RFC 7489 10.3")
+DMARC_TEMPORARY = Reply(451, "4.7.1", "DMARC check of {domain} could not be completed: "
+                        "{reason}; try again later", "RFC 7489 6.6.3, RFC 3463 3.8")

@@ -71,6 +71,7 @@ class Policy:
     max_auth_failures: int = 3
     auth_failure_delay: float = 1.0
     may_send_as: Optional[Callable] = None      # (login, address) -> bool; None: anyone
+    checks: Optional[object] = None             # checks.Checks ([checks]); None: none
 
 
 class Transition(NamedTuple):
@@ -94,6 +95,7 @@ class Session:
     rejected_recipients: int = 0        # their own budget (max_rejected_recipients)
     sasl: Optional[Exchange] = None     # an AUTH exchange under way
     envelope: Optional[Envelope] = None     # from MAIL until RSET, HELO or the end of data
+    findings: Optional[object] = None   # checks.Findings of this envelope; None: unchecked
     text: Optional[object] = None       # a MessageText (after 354) or ChunkedText (BDAT):
                                         # the socket layer feeds it the text
     chunk: Optional["Chunk"] = None     # the BDAT chunk announced and being read

@@ -7,6 +7,10 @@ local users is written once and hard-linked into each new/. Files have LF line e
 qmail, Postfix and Dovecot write them (the wire and the spool keep CRLF).
 
 Every write that the server answers 250 for is durable first (RFC 5321 6.1; durable.py).
+
+Checked mail (checks.py) is written differently: its text goes, as it arrives, to one file
+in <spool>/tmp/ (and to its spool files), and its Maildir copies are written from that file
+at `commit()`, when the header fields that record the checks are known (`deliver_with`).
 """
 import itertools
 import os
@@ -20,6 +24,9 @@ import spool as spool_format
 # Maildir names count deliveries per process, whatever Draft makes them
 _DELIVERIES = itertools.count(1)
 STALE_AFTER = 86400             # the Maildir rule: a file in tmp/ this old is a leftover
+JUNK = "Junk"                   # the Maildir++ folder of mail DMARC quarantines
+FOLDER_MARKER = "maildirfolder"     # Maildir++: the empty file that marks a subfolder
+COPY_BLOCK = 65536              # octets read at a time when a kept text is copied
 
 
 class StorageError(Exception):
@@ -55,13 +62,15 @@ class Maildir:
         """Create the root if it is missing; return the directories created."""
         return durable.make_directories(self.root)
 
-    def folder(self, mailbox):
+    def folder(self, mailbox, subfolder=""):
         """<root>/<domain>/<local part> of an Address, refusing any name that could leave
-        the tree."""
+        the tree; with `subfolder`, its Maildir++ folder <root>/<domain>/<local part>/.<name>
+        (as Courier and Dovecot lay it out)."""
         local_part, domain = mailbox.local_part.lower(), mailbox.domain.lower()
         if not is_safe_name(local_part) or not is_safe_name(domain):
             raise StorageError(f"refusing unsafe mailbox name {mailbox.text!r}")
-        return os.path.join(self.root, domain, local_part)
+        folder = os.path.join(self.root, domain, local_part)
+        return os.path.join(folder, "." + subfolder) if subfolder else folder
 
     def make(self, folder, again=False):
         """Make sure tmp/, new/ and cur/ exist; `again` after one of them was found gone."""
@@ -69,6 +78,9 @@ class Maildir:
             return
         for sub in ("tmp", "new", "cur"):
             durable.make_directories(os.path.join(folder, sub))
+        if os.path.basename(folder).startswith("."):
+            # Maildir++: a subfolder holds an empty maildirfolder file (Courier, Dovecot)
+            open(os.path.join(folder, FOLDER_MARKER), "ab").close()
         self._known.add(folder)
 
     def unique_name(self):
@@ -98,6 +110,7 @@ class Maildir:
                 for user in _entries(domain.path):
                     if user.is_dir(follow_symlinks=False):
                         yield os.path.join(user.path, "tmp")
+                        yield os.path.join(user.path, "." + JUNK, "tmp")
 
 
 def _entries(path):
@@ -126,16 +139,32 @@ class Draft:
     The text comes in whole lines with CRLF, dot-stuffing undone (text.MessageText). A write
     that fails (a full disk) is remembered, and the rest of the text is dropped, so that the
     session can read the text to its end and then answer; `commit()` raises it.
+
+    `header_filter` (checked mail): a factory of filters (authresults.OwnFields: `feed(lines)`
+    and `finish()`, whole lines in, the lines kept out) that take header fields out of every
+    copy. The text is then kept as it came in a file of its own (`read_text()`), and the
+    Maildir copies are written from it at `commit()`, after the fields `deliver_with` gives.
     """
 
-    def __init__(self, maildir, spool, plan, prefix=b""):
+    def __init__(self, maildir, spool, plan, prefix=b"", header_filter=None):
         self.maildir = maildir
         self.spool = spool
         self.envelope = plan.envelope
         self.failure = None             # the StorageError of a failed write
         self.files = []                 # _MaildirFile and _SpoolFile, in the plan's order
+        self.header_filter = header_filter
+        self.kept = None                # checked mail: the _KeptText, the text as it came
+        self._deferred = ()             # checked mail: the LocalCopy to write at commit()
+        self._prefix = prefix
+        self._fields, self._junk = b"", False
+        self._spool_filter = header_filter() if header_filter else None
         try:
-            for copy in plan.local:
+            if header_filter:
+                self._deferred = tuple(plan.local)
+                self.kept = _KeptText(_create(
+                    os.path.join(spool.tmp, f"{self.envelope.queue_id}.text"),
+                    lambda: durable.make_directories(spool.tmp), readable=True))
+            for copy in () if header_filter else plan.local:
                 self.files.append(self._open_maildir_copy(copy, prefix))
             spooled = [(plan.relayed, None)] if plan.relayed else []
             spooled += [(forward.envelope, forward.delivered_to) for forward in plan.forwards]
@@ -151,8 +180,9 @@ class Draft:
             self.discard()
             raise self.failure
 
-    def _open_maildir_copy(self, copy, prefix):
-        folders = list(dict.fromkeys(self.maildir.folder(box) for box in copy.mailboxes))
+    def _open_maildir_copy(self, copy, prefix, fields=b"", subfolder=""):
+        folders = list(dict.fromkeys(self.maildir.folder(box, subfolder)
+                                     for box in copy.mailboxes))
         name = self.maildir.unique_name()
         self.maildir.make(folders[0])
         opened = _create(os.path.join(folders[0], "tmp", name),
@@ -162,7 +192,8 @@ class Draft:
         header = b"Return-Path: <%s>\n" % self.envelope.reverse_path.text.encode()
         if copy.delivered_to:
             header += b"Delivered-To: %s\n" % copy.delivered_to.text.encode()
-        self._write(output, header + _lf(prefix))
+        # RFC 7208 9.1, RFC 8601 2.1: the check results above the Received: they belong to
+        self._write(output, header + _lf(fields + prefix))
         return output
 
     def _open_spool_file(self, envelope, delivered_to, prefix):
@@ -181,8 +212,39 @@ class Draft:
     def write(self, text):
         if self.failure:
             return
+        if self.kept:
+            self._write(self.kept, text)
+            text = self._spool_filter.feed(text)
         for output in self.files:
             self._write(output, output.form(text))
+
+    def read_text(self):
+        """Checked mail: the text as it came (CRLF), read back from its file."""
+        with open(self.kept.file.path, "rb") as kept:
+            return kept.read()
+
+    def deliver_with(self, fields, junk=False):
+        """Checked mail: the header fields (CRLF lines) the Maildir copies get at the top,
+        and whether they go to each mailbox's Junk folder."""
+        self._fields, self._junk = fields, junk
+
+    def _write_deferred_copies(self):
+        """The Maildir copies of checked mail, from the kept text, without the fields the
+        filter takes out."""
+        subfolder = JUNK if self._junk else ""
+        outputs = [self._open_maildir_copy(copy, self._prefix, self._fields, subfolder)
+                   for copy in self._deferred]
+        self.files[:0] = outputs
+        self._deferred = ()
+        own = self.header_filter()
+        with open(self.kept.file.path, "rb") as kept:
+            for lines in _whole_lines(kept):
+                lines = own.feed(lines)
+                for output in outputs:
+                    self._write(output, output.form(lines))
+            tail = own.finish()
+            for output in outputs:
+                self._write(output, output.form(tail))
 
     def _write(self, output, content):
         try:
@@ -195,6 +257,8 @@ class Draft:
         then the spool files. Returns the spool names (none when every copy was local).
         Raises StorageError."""
         try:
+            if self.kept and not self.failure:
+                self._finish_checked()
             for output in self.files:
                 if isinstance(output, _SpoolFile) and not self.failure:
                     self._write(output, spool_format.END_OF_FILE)
@@ -210,12 +274,22 @@ class Draft:
         except BaseException:
             self.discard()
             raise
+        if self.kept:
+            self.kept.file.abandon()
         return self.spool_names
+
+    def _finish_checked(self):
+        tail = self._spool_filter.finish()
+        for output in self.files:
+            self._write(output, output.form(tail))
+        self._write_deferred_copies()
 
     def discard(self):
         """Close and remove whatever is not yet under its final name."""
         for output in self.files:
             output.file.abandon()
+        if self.kept:
+            self.kept.file.abandon()
 
 
 class _MaildirFile:
@@ -251,6 +325,13 @@ class _MaildirFile:
         self.file.done = True
         for final in finals:
             durable.fsync_directory(os.path.dirname(final))
+
+
+class _KeptText:
+    """Checked mail's text as it came, CRLF, in <spool>/tmp/: read back, then removed."""
+
+    def __init__(self, opened):
+        self.file = opened
 
 
 class _SpoolFile:
@@ -294,12 +375,28 @@ class _OpenFile:
                 pass
 
 
-def _create(path, remake):
+def _create(path, remake, readable=False):
     """Create `path` exclusively; if its directory was removed while the server ran, make it
     again once (`remake`) and retry."""
-    descriptor = _retry_if_gone(
-        lambda: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), remake)
+    mode = (os.O_RDWR if readable else os.O_WRONLY) | os.O_CREAT | os.O_EXCL
+    descriptor = _retry_if_gone(lambda: os.open(path, mode, 0o600), remake)
     return _OpenFile(path, descriptor)
+
+
+def _whole_lines(opened):
+    """A file's content in blocks of whole lines (each block ends with LF, but the last)."""
+    rest = b""
+    while True:
+        block = opened.read(COPY_BLOCK)
+        if not block:
+            break
+        block = rest + block
+        end = block.rfind(b"\n") + 1
+        if end:
+            yield block[:end]
+        rest = block[end:]
+    if rest:
+        yield rest
 
 
 def _retry_if_gone(operation, remake):

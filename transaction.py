@@ -1,6 +1,10 @@
 """The mail transaction (RFC 5321 3.3): the handlers of MAIL, RCPT, DATA and BDAT, and the
 envelope and message text they build.
 
+The checks of incoming mail (`policy.checks`, checks.py) come in at three points: MAIL
+decides whether this client's mail is checked (`session.findings`), the first RCPT for a
+local mailbox checks SPF, and the end of the text DKIM and DMARC, before it is stored.
+
 Like every handler, each takes (session, argument) and returns a Reply; the table in state.py
 says where the session goes next. The envelope is built up here and handed, with the text
 as it arrives, to the mail system through `policy.open_message` and `policy.submit`.
@@ -54,6 +58,8 @@ def mail(session, argument):
         return replies.NOT_YOUR_ADDRESS.format(address=reverse_path.text,
                                                login=session.authenticated)
     session.envelope = Envelope(reverse_path, session.helo, session.client, parameters)
+    checks = session.policy.checks
+    session.findings = checks.start(session) if checks else None
     return replies.SENDER_OK.format(address=reverse_path.text)
 
 
@@ -110,6 +116,10 @@ def rcpt(session, argument):
         return _reject(session, replies.NO_SUCH_USER.format(address=address.text))
     if route.destination is Destination.REMOTE and not may_relay(session):
         return _reject(session, replies.RELAY_DENIED.format(address=address.text))   # 3.6.2
+    if session.findings is not None:
+        refusal = policy.checks.at_recipient(session)       # SPF, RFC 7208 2.4
+        if refusal:
+            return _reject(session, refusal) if refusal.code >= 500 else refusal
     recipient = route.recipient(address, parameters)
     envelope.add(recipient)                 # the same mailbox twice gets one copy
     return replies.RECIPIENT_OK.format(address=recipient.key)
@@ -159,6 +169,8 @@ def _open_message(session):
     trace_line = received_header(
         session.helo, session.client_literal, policy.hostname, received_protocol(session),
         envelope.queue_id, [recipient.address for recipient in envelope.recipients])
+    if session.findings is not None:
+        return policy.open_message(envelope, trace_line, checked=True)
     return policy.open_message(envelope, trace_line)
 
 
@@ -169,9 +181,11 @@ def end_of_data(session, argument=None):
 
 def _finish_message(session):
     text, session.text = session.text, None
+    findings, session.findings = session.findings, None
     session.envelope = None                 # the next transaction starts from nothing
     refusal = check_text(text, session.policy.max_message_size) or \
-        _delivered_here_before(text.writer.envelope, text.header_block())
+        _delivered_here_before(text.writer.envelope, text.header_block()) or \
+        _check_text_origin(session, findings, text)
     if refusal:
         text.writer.discard()
         return refusal
@@ -225,6 +239,19 @@ def end_of_last_chunk(session, chunk):
         return chunk.refusal
     session.text.finish()
     return _finish_message(session)
+
+
+def _check_text_origin(session, findings, text):
+    """DKIM and DMARC of checked mail (checks.py): their refusal, or None with the header
+    fields that record them handed to the writer."""
+    if findings is None or text.writer.failure:     # a failed write: commit() says so
+        return None
+    outcome = session.policy.checks.after_text(findings, text.writer, text.header_block(),
+                                               text.writer.envelope.queue_id)
+    if outcome.refusal:
+        return outcome.refusal
+    text.writer.deliver_with(outcome.fields, outcome.junk)
+    return None
 
 
 def _delivered_here_before(envelope, header_block):
@@ -283,6 +310,7 @@ def drop_transaction(session):
     """Forget the envelope (RFC 5321 4.1.1.5: RSET; 4.1.4: a new HELO/EHLO), and any text
     being written for it."""
     session.envelope = None
+    session.findings = None
     if session.text:
         session.text.writer.discard()
         session.text = None
