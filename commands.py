@@ -1,4 +1,5 @@
-"""The command-line tools that work on a server's files: --queue, --flush and --add-user.
+"""The command-line tools that work on a server's files: --queue, --flush, --add-user and
+--tls-domains.
 
 They never create the data directories (a listing run from the wrong place shows an empty
 queue, and leaves no empty mail/ spool/ logs/ behind), and --flush, when it delivers the
@@ -9,20 +10,66 @@ import os
 import signal
 import sys
 
+import time
+
 import daemon
 import passwords
 import queuerunner
+from delivery import duration
 from log import Log
 from mailsystem import MailSystem
+from mtasts import PolicyCache
 from spool import Spool
 from storage import StorageError
+from tlsmemory import PLAIN, TlsMemory
 from users import UsersFileError, add_user as add_user_to_file
 
 
 def show_queue(config):
-    """python smtpd.py --queue: the queue, like Postfix's mailq."""
-    print("\n".join(queuerunner.queue_listing(Spool(config.spool))))
+    """python smtpd.py --queue: the queue, like Postfix's mailq, then the TLS each queued
+    domain has shown before (what the relay will not go below)."""
+    spool = Spool(config.spool)
+    entries = queuerunner.queue_entries(spool)
+    print("\n".join(queuerunner.queue_listing(spool, entries=entries)))
+    domains = sorted({recipient.address.domain for entry in entries if entry.message
+                      for recipient in entry.message.recipients})
+    if domains:
+        memory = TlsMemory(config.spool)
+        print("TLS of the queued domains (the least the relay accepts for them):")
+        print("\n".join(f"    {domain}  {memory.level(domain)}" for domain in domains))
     return 0
+
+
+def show_tls_domains(config, now=None):
+    """python smtpd.py --tls-domains: what the TLS memory holds, and the MTA-STS policy
+    cached for each domain (RFC 8461), one line a domain."""
+    now = time.time() if now is None else now
+    memory = TlsMemory(config.spool)
+    levels = {entry.domain: entry for entry in memory.entries()}
+    policies = {policy.domain: policy for policy in PolicyCache(config.spool).policies()}
+    if memory.problem:
+        print(f"smtpd: the TLS memory cannot be read: {memory.problem}", file=sys.stderr)
+    if not levels and not policies:
+        print("No domain has a TLS record or an MTA-STS policy yet")
+        return 0
+    for domain in sorted(set(levels) | set(policies)):
+        print(tls_domain_line(domain, levels.get(domain), policies.get(domain), now))
+    return 0
+
+
+def tls_domain_line(domain, entry, policy, now):
+    """`remote.test  verified since 2026-12-02 13:00:00  MTA-STS enforce id 2026 expires in 1d`"""
+    if entry is None:
+        level = f"{PLAIN} (nothing delivered over TLS yet)"
+    else:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry.since))
+        level = f"{entry.level} since {since}"
+    if policy is None:
+        return f"{domain}  {level}  MTA-STS: none cached"
+    left = policy.expires - now
+    expiry = f"expires in {duration(left)}" if left > 0 else "expired"
+    return (f"{domain}  {level}  MTA-STS {policy.mode} id {policy.id} {expiry} "
+            f"(mx {', '.join(policy.mx) or '-'})")
 
 
 def flush_queue(config):

@@ -27,6 +27,7 @@ from resolver import Resolver
 from schedule import Schedule
 from spool import SPOOL_SUFFIX, STATE_SUFFIX, SpoolError
 from storage import StorageError
+from tlspolicy import TlsPolicy
 
 LOCAL_ERROR = "451 4.3.0 local error in the relay; trying again later"
 # The web view's counter (events.Hub.count) that a recipient's final state adds one to
@@ -57,12 +58,16 @@ class Attempt:
 
 
 class QueueRunner:
-    def __init__(self, config, spool, router, submit, log):
+    def __init__(self, config, spool, router, submit, log, signer=None):
         self.config = config
         self.spool = spool
         self.log = log
         self.policy = RetryPolicy.from_config(config)
         self.resolver = Resolver(config, log)
+        # What each Transaction shares: MTA-STS and the TLS memory, the DKIM signer (None:
+        # mail goes unsigned)
+        self.tls = TlsPolicy.for_config(config, self.resolver, log)
+        self.signer = signer
         self.bouncer = Bouncer(config.hostname, router, self._submit_notice, log)
         self._submit = submit
         self.events = None                  # events.Hub of the web view (watch), or None
@@ -253,7 +258,7 @@ class QueueRunner:
 
         try:
             Transaction(self.config, self.resolver, self.log, attempt.message, domain,
-                        recipients, report).run()
+                        recipients, report, tls=self.tls, signer=self.signer).run()
         except Exception:
             self.log.error("%s delivery to %s failed unexpectedly; trying again later",
                            attempt.tag, domain, exc_info=True)

@@ -15,24 +15,33 @@ is tried, and when every host was reached and none offers it, the recipients fai
 5.6.3). 8-bit text is never converted to quoted-printable: a conversion would change a
 message that may be signed (DKIM), and a bounce says plainly what happened.
 
-A remote is never trusted to be brief: a reply has at most MAX_REPLY_LINES lines and
-MAX_REPLY_OCTETS octets, and must be complete within its timeout (a deadline for the whole
-reply, not for each read), so an endless or dribbled reply is cut off.
+TLS (tlspolicy.py): with `[relay] mta_sts = yes` the domain's MTA-STS policy (RFC 8461) and
+the TLS memory (tlsmemory.py) say how much a connection must reach. STARTTLS is tried first
+with the certificate checked for the MX name; when it does not check out, with unchecked TLS
+on a new connection; when TLS does not work, in clear text on another: each step only while
+the policy and the memory allow it, else that host fails with a 4xx and the next is tried.
+
+DKIM (RFC 6376): with a `signer` (dkimsign.Signer), mail whose reverse-path domain is a local
+domain is signed as it goes: the DKIM-Signature header goes before the text (DATA) or at the
+start of the first chunk (BDAT). The spool does not record AUTH (a session parameter), so
+the reverse-path domain is the only rule for what is ours to sign.
+
+The connection itself (replies bounded in lines, octets and time) is smtpclient.py.
+
+    Transaction(config, resolver, log, message, domain, recipients, report,
+                tls=TlsPolicy.for_config(...), signer=Signer(...)).run()
 """
 import dataclasses
-import socket
 import ssl
-import time
-from typing import NamedTuple
 
 import dsn
 import spool
+import tlspolicy
 from delivery import Outcome, Status
 from resolver import DeliveryError
-
-MAX_REPLY_LINES = 100           # RFC 5321 4.2.1 sets no limit; a real EHLO has about 15
-MAX_REPLY_OCTETS = 1 << 16      # RFC 5321 4.5.3.1.5: 512 octets a line
-RECEIVE_SIZE = 4096
+from smtpclient import MAX_REPLY_LINES, Response, SmtpClient
+from tlsmemory import PLAIN, TLS, VERIFIED
+__all__ = ["Transaction", "SmtpClient", "Response", "MAX_REPLY_LINES", "BDAT_CHUNK"]
 BDAT_CHUNK = spool.TEXT_CHUNK   # octets of text read, unstuffed and sent per BDAT (64 KiB)
 
 # RFC 5321 2.2.1: a parameter is sent only to a server that advertised the extension which
@@ -54,39 +63,17 @@ WHY_LEFT_OUT = {
 }
 
 
-class Response(NamedTuple):
-    """One reply of the remote (RFC 5321 4.2): its code and its lines, code included."""
-    code: int
-    lines: tuple
-
-    @property
-    def text(self):
-        return " / ".join(self.lines)
-
-    @property
-    def status(self):
-        """What the reply means for a recipient: 2xx done, 5xx failed, else try later."""
-        if 200 <= self.code < 300:
-            return Status.DONE
-        if 500 <= self.code < 600:
-            return Status.FAILED
-        return Status.PENDING
-
-    def extensions(self):
-        """The EHLO keywords (RFC 5321 4.1.1.1): {"SIZE": "1000", "8BITMIME": "", ...}."""
-        found = {}
-        for line in self.lines[1:]:
-            keyword, _, value = line[4:].strip().partition(" ")
-            found[keyword.upper()] = value.strip()
-        return found
-
-
 class TryNextHost(DeliveryError):
     """This host failed before the transaction began (RFC 5321 5.1: try the next one)."""
 
 
 class TlsFailed(TryNextHost):
-    """STARTTLS was offered but did not work; clear text may be tried unless TLS is required."""
+    """STARTTLS was offered but did not work (`unverified`: only because the certificate
+    did not check out); less may be tried when the rules allow it."""
+
+    def __init__(self, reply, unverified=False):
+        super().__init__(reply)
+        self.unverified = unverified
 
 
 class Unsuitable(TryNextHost):
@@ -100,113 +87,6 @@ class Unsuitable(TryNextHost):
 
 class SessionBroken(DeliveryError):
     """The connection failed after MAIL was accepted: the rest waits for the next attempt."""
-
-
-# ---------------------------------------------------------------------------------------
-# The client: commands out, whole replies in
-
-
-class SmtpClient:
-    """One outbound connection. Every step has its timeout (RFC 5321 4.5.3.2)."""
-
-    def __init__(self, hop, config, log, tag):
-        self.config = config
-        self.log = log
-        self.tag = f"{tag} {hop}"
-        self.buffer = b""
-        self.sock = socket.create_connection(tuple(hop), timeout=config.connect_timeout)
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def start_tls(self):
-        """RFC 3207: opportunistic TLS. The certificate is not checked (there is no way to
-        know the right name for an MX without DANE or MTA-STS); the point is that nobody on
-        the path can read the mail."""
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        self.buffer = b""                   # RFC 3207 4.2: nothing read before TLS counts
-        self.sock.settimeout(self.config.command_timeout)
-        self.sock = context.wrap_socket(self.sock)
-        self.log.info("%s TLS established: %s, %s", self.tag, self.sock.version(),
-                      self.sock.cipher()[0])
-
-    def command(self, line, timeout=None):
-        """Send one command line and return the reply."""
-        self.log.info("%s -> %s", self.tag, line)
-        self.sock.settimeout(self.config.command_timeout)
-        # UTF-8: an address goes out non-ASCII only to a next hop offering SMTPUTF8
-        self.sock.sendall(line.encode("utf-8") + b"\r\n")
-        return self.reply(timeout or self.config.command_timeout)
-
-    def send_text(self, message):
-        """The dot-stuffed text from the spool file, piece by piece, and the final dot
-        (RFC 5321 4.1.1.4). Returns the reply to the dot."""
-        self.log.info("%s -> (message text, %d octets)", self.tag, message.text_size)
-        for chunk in message.text_chunks():
-            self.sock.settimeout(self.config.command_timeout)   # RFC 5321 4.5.3.2.5
-            self.sock.sendall(chunk)
-        self.log.info("%s -> .", self.tag)
-        self.sock.sendall(b".\r\n")
-        return self.reply(self.config.relay_data_timeout)       # RFC 5321 4.5.3.2.6
-
-    def send_chunk(self, chunk, last):
-        """RFC 3030 2: `BDAT <size> [LAST]` and exactly that many octets; returns its reply
-        (the last one's is awaited as long as the reply to DATA's final dot)."""
-        line = f"BDAT {len(chunk)}{' LAST' if last else ''}"
-        self.log.info("%s -> %s", self.tag, line)
-        self.sock.settimeout(self.config.command_timeout)
-        self.sock.sendall(line.encode("ascii") + b"\r\n")
-        self.sock.sendall(chunk)
-        return self.reply(self.config.relay_data_timeout if last
-                          else self.config.command_timeout)
-
-    def reply(self, timeout):
-        """The next whole reply, within `timeout` seconds from now."""
-        deadline = time.monotonic() + timeout
-        lines, size = [], 0
-        while True:
-            line = self._line(deadline)
-            self.log.info("%s <- %s", self.tag, line)
-            code = line[:3]
-            if not (code.isascii() and code.isdigit()) or line[3:4] not in ("", " ", "-"):
-                raise DeliveryError(f"451 4.5.0 protocol error from remote: {line[:80]!r}")
-            lines.append(line)
-            size += len(line) + 2
-            if line[3:4] != "-":
-                return Response(int(code), tuple(lines))
-            if len(lines) >= MAX_REPLY_LINES or size > MAX_REPLY_OCTETS:
-                raise DeliveryError(f"451 4.5.0 reply from remote longer than "
-                                    f"{MAX_REPLY_LINES} lines or {MAX_REPLY_OCTETS} octets")
-
-    def _line(self, deadline):
-        while b"\n" not in self.buffer:
-            if len(self.buffer) > MAX_REPLY_OCTETS:
-                raise DeliveryError("451 4.5.0 remote reply line too long")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DeliveryError("451 4.4.2 remote reply too slow")
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(RECEIVE_SIZE)
-            except socket.timeout:
-                raise DeliveryError("451 4.4.2 remote reply too slow") from None
-            if not data:
-                raise DeliveryError("451 4.4.2 remote closed the connection")
-            self.buffer += data
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return printable(line.rstrip(b"\r"))
-
-
-def printable(data):
-    """Remote bytes as ASCII text for the log, the record and a DSN (never raw control
-    characters or 8-bit bytes)."""
-    text = data.decode("ascii", "backslashreplace")
-    return "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in text)
 
 
 def offered_parameters(parameters, extensions):
@@ -234,6 +114,17 @@ def size_limit(extensions):
 # The text: what it holds, and the text itself as BDAT sends it
 
 
+def with_prefix(prefix, pieces):
+    """`pieces` with `prefix` at the start of the first (the DKIM-Signature header goes in
+    the first BDAT chunk, not in a chunk of its own)."""
+    pieces = iter(pieces)
+    if not prefix:
+        yield from pieces
+        return
+    yield prefix + next(pieces, b"")
+    yield from pieces
+
+
 def with_last(pieces):
     """(piece, is it the last) for each piece; for none, one empty last piece (RFC 3030 2:
     `BDAT 0 LAST`)."""
@@ -257,7 +148,8 @@ class Transaction:
     next hops of `domain`. `report({address text: Outcome})` is called as outcomes become
     known; every recipient gets exactly one."""
 
-    def __init__(self, config, resolver, log, message, domain, recipients, report):
+    def __init__(self, config, resolver, log, message, domain, recipients, report, tls=None,
+                 signer=None):
         self.config = config
         self.resolver = resolver
         self.log = log
@@ -268,6 +160,10 @@ class Transaction:
         self.tag = f"[{message.queue_id}]"
         self.reported = set()
         self._shape = None              # the TextShape, once a host made it matter
+        self.tls = tls or tlspolicy.TlsPolicy(config, log)
+        self.signer = signer
+        self._signature = None          # the DKIM-Signature header, once made (b"": none)
+        self.rules = None               # tlspolicy.DomainTls, once run() looked it up
 
     def run(self):
         try:
@@ -279,6 +175,7 @@ class Transaction:
             return
         self._trace(f"next hops for {self.domain}, in order: "
                     f"{', '.join(str(hop) for hop in hops)} (RFC 5321 5.1)")
+        self.rules = self.tls.for_domain(self.domain, self.tag)
         errors = []
         for hop in hops:
             try:
@@ -324,23 +221,40 @@ class Transaction:
     # one host
 
     def _deliver_via(self, hop):
-        try:
-            self._deliver_once(hop, use_tls=self.config.relay_tls != "no")
-        except TlsFailed as error:
-            if self.config.relay_tls == "require":
-                raise TryNextHost(error.reply) from None
-            self.log.info("%s %s; trying again in clear text", self.tag, error.reply)
-            self._deliver_once(hop, use_tls=False)
+        """At most three connections: verified TLS, unchecked TLS, clear text, each only
+        when the one before failed at TLS and the rules accept less."""
+        refusal = self.rules.refusal(hop)
+        if refusal:
+            raise TryNextHost(refusal)
+        level = self.rules.first_attempt()
+        while True:
+            try:
+                self._deliver_once(hop, level)
+                return
+            except TlsFailed as error:
+                level = self._fallback(hop, level, error)
 
-    def _deliver_once(self, hop, use_tls):
+    def _fallback(self, hop, level, error):
+        """The level to try next after `error` at `level`, or TryNextHost."""
+        lower = TLS if level == VERIFIED and error.unverified else PLAIN
+        if lower == PLAIN and self.config.relay_tls == "require":
+            raise TryNextHost(error.reply)
+        reply = self.rules.shortfall(hop, lower) if not self.rules.accepts(hop, lower) else None
+        if reply:
+            raise TryNextHost(reply)
+        self.log.info("%s %s; trying again %s", self.tag, error.reply,
+                      "with unchecked TLS" if lower == TLS else "in clear text")
+        return lower
+
+    def _deliver_once(self, hop, level):
         try:
             client = SmtpClient(hop, self.config, self.log, self.tag)
         except OSError as error:
             raise TryNextHost(f"451 4.4.1 cannot connect to {hop}: {error}") from None
         try:
             extensions = self._open(client, hop)
-            extensions = self._secure(client, extensions, hop, use_tls)
-            self._transact(client, extensions, hop)
+            extensions, reached = self._secure(client, extensions, hop, level)
+            self._transact(client, extensions, hop, reached)
         except (TryNextHost, SessionBroken):
             raise
         except DeliveryError as error:              # before MAIL: another host may do
@@ -365,26 +279,45 @@ class Transaction:
                 return {}
         raise TryNextHost(f"{hello.text} (EHLO to {hop})")
 
-    def _secure(self, client, extensions, hop, use_tls):
-        """STARTTLS when the remote offers it; `[relay] tls = require` sends nothing in clear."""
-        if use_tls and "STARTTLS" in extensions:
-            self._trace("the remote offers STARTTLS: upgrading before MAIL (RFC 3207 4)")
-            answer = client.command("STARTTLS")
-            if answer.code != 220:
-                raise TlsFailed(f"454 4.7.0 STARTTLS refused by {hop}: {answer.text}")
-            try:
-                client.start_tls()
-            except (ssl.SSLError, OSError) as error:
-                raise TlsFailed(f"454 4.7.0 TLS handshake with {hop} failed: {error}") from None
-            hello = client.command(f"EHLO {self.config.hostname}")     # RFC 3207 4.2
-            if hello.code != 250:
-                raise TryNextHost(f"{hello.text} (EHLO after STARTTLS to {hop})")
-            return hello.extensions()
-        if self.config.relay_tls == "require":
-            raise TryNextHost(f"451 4.7.10 {hop} offers no STARTTLS and [relay] tls = require")
-        self.log.info("%s sending in clear text (%s)", self.tag,
-                      "TLS not offered" if use_tls else "TLS off for this attempt")
-        return extensions
+    def _secure(self, client, extensions, hop, level):
+        """STARTTLS at `level` when the remote offers it; (the extensions, the level
+        reached). Raises TryNextHost when the rules refuse what this connection can give."""
+        if level != PLAIN and "STARTTLS" in extensions:
+            extensions = self._start_tls(client, hop, level)
+            reached = VERIFIED if client.verified else TLS
+        else:
+            if self.config.relay_tls == "require":
+                raise TryNextHost(f"451 4.7.10 {hop} offers no STARTTLS and "
+                                  "[relay] tls = require")
+            reached = PLAIN
+        reply = self.rules.shortfall(hop, reached)
+        if reply:
+            self._quit(client)
+            raise TryNextHost(reply)
+        if reached == PLAIN:
+            self.log.info("%s sending in clear text (%s)", self.tag,
+                          "TLS off for this attempt" if level == PLAIN else "TLS not offered")
+        return extensions, reached
+
+    def _start_tls(self, client, hop, level):
+        """RFC 3207 4: STARTTLS, the handshake (the certificate checked for the MX name at
+        VERIFIED, RFC 8461 4.2), and EHLO again (RFC 3207 4.2)."""
+        self._trace("the remote offers STARTTLS: upgrading before MAIL (RFC 3207 4)")
+        answer = client.command("STARTTLS")
+        if answer.code != 220:
+            raise TlsFailed(f"454 4.7.0 STARTTLS refused by {hop}: {answer.text}")
+        name = hop.host or hop.ip
+        try:
+            client.start_tls(self.tls.context(level), name if level == VERIFIED else None)
+        except (ssl.SSLError, OSError) as error:
+            unverified = tlspolicy.verification_failed(error)
+            what = (f"certificate of {hop} not valid for {name}: {error.verify_message}"
+                    if unverified else f"TLS handshake with {hop} failed: {error}")
+            raise TlsFailed(f"454 4.7.0 {what}", unverified=unverified) from None
+        hello = client.command(f"EHLO {self.config.hostname}")
+        if hello.code != 250:
+            raise TryNextHost(f"{hello.text} (EHLO after STARTTLS to {hop})")
+        return hello.extensions()
 
     # what the message needs of a host
 
@@ -435,7 +368,7 @@ class Transaction:
 
     def _too_big(self, extensions, hop):
         """The reply for every recipient when the text exceeds `hop`'s SIZE, or None."""
-        limit, size = size_limit(extensions), self.message.text_size
+        limit, size = size_limit(extensions), self._text_size()
         if not limit:
             return None
         if size > limit:
@@ -448,7 +381,25 @@ class Transaction:
 
     # the transaction itself
 
-    def _transact(self, client, extensions, hop):
+    def _text_size(self):
+        """The octets of text this delivery sends: the signature header and the spool's."""
+        return len(self._dkim_header()) + self.message.text_size
+
+    def _dkim_header(self):
+        """The DKIM-Signature header for this message, made once (b"" when not ours to
+        sign). The signer needs the whole unstuffed text in memory (dkimpy hashes bytes):
+        acceptable for the mail of our own domains only, which is all that is read here."""
+        if self._signature is None:
+            self._signature = b""
+            domain = self.message.envelope.reverse_path.domain
+            if self.signer is not None and domain in self.config.local_domains:
+                text = b"".join(spool.unstuffed(self.message.text_chunks()))   # RFC 5321 4.5.2
+                self._signature = self.signer.sign(text, domain)
+                self._trace(f"DKIM: {'signed' if self._signature else 'not signed'} for "
+                            f"{domain} (RFC 6376 5)")
+        return self._signature
+
+    def _transact(self, client, extensions, hop, reached=PLAIN):
         refusal = self._unsuitable(extensions, hop)
         if refusal:
             self._quit(client)
@@ -466,7 +417,7 @@ class Transaction:
         try:
             accepted = self._recipients(client, extensions, hop)
             if accepted:
-                self._send(client, accepted, extensions, hop)
+                self._send(client, accepted, extensions, hop, reached)
         except (DeliveryError, OSError) as error:
             reply = getattr(error, "reply", "") or f"451 4.4.2 connection to {hop} failed: {error}"
             raise SessionBroken(reply) from None
@@ -479,7 +430,7 @@ class Transaction:
         if "SMTPUTF8" in extensions and self._addresses_need_smtputf8():   # RFC 6531 3.4
             parameters.setdefault("SMTPUTF8", None)
         if "SIZE" in extensions:                                      # RFC 1870 6
-            parameters["SIZE"] = str(self.message.text_size)
+            parameters["SIZE"] = str(self._text_size())
         return spool.mail_command(envelope.reverse_path, parameters)
 
     def _rcpt_line(self, recipient, extensions):
@@ -512,7 +463,7 @@ class Transaction:
             self._report(refused)
         return accepted
 
-    def _send(self, client, accepted, extensions, hop):
+    def _send(self, client, accepted, extensions, hop, reached):
         """The text, with DATA or BDAT; every accepted recipient gets the one outcome."""
         if "CHUNKING" in extensions and self.config.relay_chunking:
             self._trace(f"{hop} offers CHUNKING: the text goes unstuffed with BDAT, in "
@@ -523,6 +474,8 @@ class Transaction:
                 self._trace(f"{hop} offers CHUNKING, but [relay] chunking = no: DATA "
                             "(RFC 5321 4.1.1.4)")
             answer = self._data(client)
+        if answer.status is Status.DONE:
+            self.rules.delivered(hop, reached)
         passed_on = "DSN" in extensions         # RFC 3461 5.2.1: its notices are the hop's
         self._report({recipient.address.text: Outcome(answer.status, answer.text, str(hop),
                                                        passed_on)
@@ -532,11 +485,15 @@ class Transaction:
         answer = client.command("DATA")
         if answer.code != 354:
             return _as_refusal(answer)
-        return client.send_text(self.message)
+        prefix = self._dkim_header()
+        if not prefix:
+            return client.send_text(self.message)
+        return client.send_text(self.message, prefix=prefix)
 
     def _bdat(self, client):
         """RFC 3030 2: after a chunk is refused no other is sent; its reply is the outcome."""
-        for chunk, last in with_last(spool.unstuffed(self.message.text_chunks(BDAT_CHUNK))):
+        pieces = spool.unstuffed(self.message.text_chunks(BDAT_CHUNK))
+        for chunk, last in with_last(with_prefix(self._dkim_header(), pieces)):
             answer = client.send_chunk(chunk, last)
             if answer.code != 250:
                 return _as_refusal(answer)

@@ -16,6 +16,7 @@ import encodings.idna  # noqa: F401  (socket.getaddrinfo encodes host names with
 import ipaddress
 import random
 import socket
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import dns.exception
@@ -54,13 +55,26 @@ class Answer(NamedTuple):
     exists: bool = True
 
 
-class Hop(NamedTuple):
-    """One address to connect to."""
+# Where a next hop came from (Hop.kind): MTA-STS (RFC 8461) applies to MX hosts only
+ROUTE, LITERAL, MX, IMPLICIT_MX = "route", "address literal", "MX", "implicit MX"
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One address to connect to. `host` is the name it was found under (the MX name, the
+    domain for an implicit MX, the route's host; the certificate is checked against it), and
+    `kind` says how: neither takes part in comparisons, only the address does."""
     ip: str
     port: int
+    host: str = field(default="", compare=False)
+    kind: str = field(default=MX, compare=False)
 
     def __str__(self):
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+    def __iter__(self):
+        """(ip, port), as the NamedTuple it once was unpacked (and as a socket address)."""
+        return iter((self.ip, self.port))
 
 
 class Resolver:
@@ -89,11 +103,11 @@ class Resolver:
         if domain in self.config.routes:
             host, port = self.config.routes[domain]
             self.log.info("%s route for %s: %s:%d", tag, domain, host, port)
-            return [Hop(ip, port) for ip in _route_addresses(host)]
+            return [Hop(ip, port, host, ROUTE) for ip in _route_addresses(host)]
         if domain.startswith("["):                  # RFC 5321 4.1.3: an address literal
             literal = domain[1:-1]
             literal = literal[5:] if literal.lower().startswith("ipv6:") else literal
-            return [Hop(literal, self.config.relay_port)]
+            return [Hop(literal, self.config.relay_port, literal, LITERAL)]
         if not self.dns.nameservers:
             raise DeliveryError(f"451 4.4.3 no DNS server to ask about {domain} "
                                 "(none in [relay] nameservers or /etc/resolv.conf)")
@@ -148,7 +162,7 @@ class Resolver:
         self.log.info("%s MX lookup for %s: none; trying its address (implicit MX)", tag, domain)
         found, failed = self.addresses(domain)
         if found:
-            return [Hop(ip, self.config.relay_port) for ip in found]
+            return [Hop(ip, self.config.relay_port, domain, IMPLICIT_MX) for ip in found]
         if failed:
             raise DeliveryError(f"451 4.4.3 DNS lookup for the address of {domain} failed")
         raise DeliveryError(f"550 5.4.4 {domain} has no MX and no address", permanent=True)
@@ -158,7 +172,7 @@ class Resolver:
         for host in hosts:
             found, failed = self.addresses(host)
             any_failed |= failed
-            hops += [Hop(ip, self.config.relay_port) for ip in found]
+            hops += [Hop(ip, self.config.relay_port, host, MX) for ip in found]
         if hops:
             return hops
         if any_failed:

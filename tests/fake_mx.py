@@ -16,6 +16,12 @@ of seconds between bytes, True = 0.1) sends an endless multiline greeting one by
 Each session is signalled through `connections` (see `wait_for_sessions`), each QUIT
 received through `quits`; `stop()` ends the endless ones.
 
+Real TLS: with `tls_context` (an ssl server context, tests/pki.py), STARTTLS is answered 220
+and the handshake made (offer it with `ehlo=ehlo_offering("STARTTLS")`); each finished
+transaction's `tls` says whether it came over TLS (parallel to `messages`), `handshakes`
+counts the handshakes that worked, `handshake_errors` keeps those that did not. Without it,
+STARTTLS is answered 220 and clear text follows (a broken TLS server).
+
 Extensions: `ehlo=ehlo_offering("DSN", "SMTPUTF8", "CHUNKING")` advertises them (and, unless
 `eight_bit=False`, SIZE and 8BITMIME). BDAT (RFC 3030) is always accepted: every chunk is kept
 in `chunks` as (command line, octets), each answered `bdat_reply` (the last one
@@ -43,7 +49,7 @@ class FakeMX(socketserver.ThreadingTCPServer):
                  "250-SIZE 100000000", "250-8BITMIME", "250 PIPELINING"), rcpt=("250 2.1.5 ok",),
                  data_reply="250 2.0.0 queued", ehlo_flood=False, dribble=None,
                  hang_on_quit=False, *, mail_reply="250 2.1.0 ok",
-                 bdat_reply="250 2.0.0 chunk ok"):
+                 bdat_reply="250 2.0.0 chunk ok", tls_context=None):
         self.greeting = greeting
         self.mail_reply = mail_reply
         self.bdat_reply = bdat_reply
@@ -60,6 +66,10 @@ class FakeMX(socketserver.ThreadingTCPServer):
         self.rcpt_replies = list(rcpt)
         self.data_reply = data_reply
         self.messages = []
+        self.tls = []               # for each of `messages`: did it come over TLS
+        self.tls_context = tls_context
+        self.handshakes = 0
+        self.handshake_errors = []
         self.sessions = 0
         self.received = threading.Semaphore(0)
         self.lock = threading.Lock()
@@ -152,14 +162,14 @@ class FakeMXHandler(socketserver.StreamRequestHandler):
                     return
                 self.send(server.data_reply)
                 if server.data_reply.startswith("2"):
-                    with server.lock:
-                        server.messages.append((mail_from, rcpt_to, data))
-                    server.received.release()
+                    self.keep(mail_from, rcpt_to, data)
             elif verb == "BDAT":
                 if not self.read_chunk(command, mail_from, rcpt_to):
                     return
-            elif verb == "STAR":                    # STARTTLS, but no TLS follows
+            elif verb == "STAR":                    # STARTTLS
                 self.send("220 2.0.0 go ahead")
+                if server.tls_context is not None and not self.start_tls():
+                    return
             elif verb == "QUIT":
                 server.quits.release()
                 if server.hang_on_quit:             # never answer; wait for the client to go
@@ -169,6 +179,33 @@ class FakeMXHandler(socketserver.StreamRequestHandler):
                 return
             else:
                 self.send("250 2.0.0 ok")
+
+    def start_tls(self):
+        """RFC 3207: the handshake on this connection; False when it failed."""
+        server = self.server
+        self.wfile.flush()
+        try:
+            secure = server.tls_context.wrap_socket(self.request, server_side=True)
+        except (OSError, ValueError) as error:
+            with server.lock:
+                server.handshake_errors.append(str(error))
+            return False
+        with server.lock:
+            server.handshakes += 1
+            server.open_sockets.append(secure)
+        self.request = self.connection = secure
+        self.rfile = secure.makefile("rb")
+        self.wfile = secure.makefile("wb", buffering=0)
+        self.secure = True
+        return True
+
+    def keep(self, mail_from, rcpt_to, text):
+        """A finished transaction."""
+        server = self.server
+        with server.lock:
+            server.messages.append((mail_from, rcpt_to, text))
+            server.tls.append(getattr(self, "secure", False))
+        server.received.release()
 
     def read_chunk(self, command, mail_from, rcpt_to):
         """One BDAT chunk (RFC 3030 2): exactly its octets, then its reply. False when the
@@ -188,9 +225,7 @@ class FakeMXHandler(socketserver.StreamRequestHandler):
         text, self.text = self.text, b""
         self.send(server.data_reply)
         if server.data_reply.startswith("2"):
-            with server.lock:
-                server.messages.append((mail_from, rcpt_to, text))
-            server.received.release()
+            self.keep(mail_from, rcpt_to, text)
         return True
 
     def flood_forever(self):

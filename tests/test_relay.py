@@ -1,15 +1,24 @@
-"""The relay over the wire: a loopback DNS server, fake MXs on 127.0.0.x, bounces in Maildirs."""
+"""The relay over the wire: a loopback DNS server, fake MXs on 127.0.0.x, bounces in Maildirs;
+MTA-STS against a loopback HTTPS policy host and a test CA, the TLS memory, DKIM sent."""
 import dataclasses
 import email
 import email.policy
+import json
 import re
 import smtplib
 
 import pytest
 
+import commands
+import mtasts
 import smtpd
+from relay import Transaction
+from resolver import Resolver
 from tests.conftest import config_sections, maildir_messages, make_config, write_config_file
-from tests.queue_world import LoopbackWorld, a_record
+from tests.fake_mx import ehlo_offering
+from tests.pki import pki_fixture, self_signed, server_context
+from tests.policy_server import PolicyServer, policy_text
+from tests.queue_world import LoopbackWorld, a_record, make_log, make_spool, write_spool
 from tests.waiting import wait_until
 
 
@@ -346,3 +355,250 @@ def test_a_bounce_for_a_message_with_8bit_headers(world, tmp_path):
     fields = delivery_status(dsn_for(tmp_path))
     assert fields["Status"] == "5.1.1"
     assert wait_until(lambda: queue_empty(server))
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 15 on the way out: MTA-STS (RFC 8461), the TLS memory, DKIM signatures sent
+
+pki_ca = pki_fixture                    # the `pki` fixture: the loopback test CA
+POLICY_IP = "127.0.0.20"
+STS_ID = "20261202"
+
+
+def sts_zone(mx_hosts, policy_id=STS_ID):
+    """remote.test with MX records {name: (preference, ip)}, an MTA-STS TXT record and the
+    policy host's address."""
+    records = {"remote.test": [("MX", f"{preference} {name}.")
+                               for name, (preference, _) in mx_hosts.items()],
+               "mta-sts.remote.test": a_record(POLICY_IP)}
+    if policy_id:
+        records["_mta-sts.remote.test"] = [("TXT", f'"v=STSv1; id={policy_id}"')]
+    for name, (_, ip) in mx_hosts.items():
+        records[name] = a_record(ip)
+    return records
+
+
+@pytest.fixture
+def policy_host(pki, monkeypatch):
+    """policy_host(body) -> a PolicyServer for mta-sts.remote.test, HTTPS_PORT pointed at it."""
+    servers = []
+
+    def start(body):
+        server = PolicyServer(POLICY_IP, server_context(*pki.leaf("mta-sts.remote.test")), body)
+        monkeypatch.setattr(mtasts, "HTTPS_PORT", server.port)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def tls_mx(world, pki, ip, name="mx1.remote.test", cert=None, **script):
+    """A FakeMX on `ip` offering STARTTLS with a certificate for `name` from the test CA
+    (or `cert`)."""
+    context = server_context(*(cert or pki.leaf(name)))
+    return world.mx(ip, ehlo=ehlo_offering("STARTTLS"), tls_context=context, **script)
+
+
+def tls_server(world, pki, **more):
+    return world.server(**{"relay.ca_file": pki.cert_file, "log.trace": "yes", **more})
+
+
+def tls_memory(tmp_path):
+    path = tmp_path / "spool" / "tls-domains.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def logged(tmp_path, text, timeout=15):
+    return wait_until(lambda: text in (tmp_path / "logs" / "smtpd.log").read_text(), timeout)
+
+
+def test_mta_sts_enforce_delivers_over_verified_tls(world, pki, policy_host, tmp_path):
+    world.resolve(sts_zone({"mx1.remote.test": (10, "127.0.0.2")}))
+    policy = policy_host(policy_text("enforce", ["mx1.remote.test"]))
+    mx = tls_mx(world, pki, "127.0.0.2")
+    server = tls_server(world, pki)
+    send(server, ["bob@remote.test"])
+    assert mx.wait_for(1)
+    assert mx.tls == [True] and mx.messages[0][1] == ["bob@remote.test"]
+    assert wait_until(lambda: queue_empty(server))
+    assert len(policy.requests) == 1
+    assert "certificate valid for mx1.remote.test" in (tmp_path / "logs" / "smtpd.log").read_text()
+    assert wait_until(lambda: tls_memory(tmp_path).get("remote.test", {}).get("level")
+                      == "verified")
+    send(server, ["carol@remote.test"])          # the cached policy: not fetched again
+    assert mx.wait_for(1)
+    assert len(policy.requests) == 1 and mx.tls == [True, True]
+
+
+@pytest.mark.parametrize("certificate", ["self-signed", "another name"])
+def test_mta_sts_enforce_with_a_bad_certificate_is_a_4xx_and_the_mail_waits(
+        world, pki, policy_host, tmp_path, certificate):
+    world.resolve(sts_zone({"mx1.remote.test": (10, "127.0.0.2")}))
+    policy_host(policy_text("enforce", ["mx1.remote.test"]))
+    cert = self_signed(pki.directory, "mx1.remote.test") if certificate == "self-signed" \
+        else pki.leaf("mx9.elsewhere.test")
+    mx = tls_mx(world, pki, "127.0.0.2", cert=cert)
+    server = tls_server(world, pki)
+    send(server, ["bob@remote.test"])
+    assert logged(tmp_path, "<bob@remote.test>: pending: 451 4.7.5 MTA-STS policy of "
+                            "remote.test (mode enforce) requires TLS with a certificate valid "
+                            "for mx1.remote.test")
+    assert mx.messages == [] and mx.handshakes == 0
+    assert server.system.spool.names()              # kept in the queue, no bounce
+    assert maildir_messages(tmp_path / "mail", "alice@test.ru") == []
+    assert not any(line.startswith("MAIL") for line in mx.commands)
+
+
+def test_mta_sts_enforce_skips_an_mx_the_policy_does_not_name(world, pki, policy_host,
+                                                              tmp_path):
+    world.resolve(sts_zone({"rogue.remote.test": (5, "127.0.0.3"),
+                            "mx1.remote.test": (10, "127.0.0.2")}))
+    policy_host(policy_text("enforce", ["mx1.remote.test"]))
+    rogue = tls_mx(world, pki, "127.0.0.3", name="rogue.remote.test")
+    mx = tls_mx(world, pki, "127.0.0.2")
+    server = tls_server(world, pki)
+    send(server, ["bob@remote.test"])
+    assert mx.wait_for(1)
+    assert rogue.sessions == 0
+    assert logged(tmp_path, "MTA-STS enforce: skipping rogue.remote.test (127.0.0.3:"
+                            f"{world.port}) is not an MX host of the MTA-STS policy of "
+                            "remote.test")
+    assert "RFC 8461 4.1" in (tmp_path / "logs" / "smtpd.log").read_text()
+
+
+def test_mta_sts_testing_delivers_and_logs_what_would_have_failed(world, pki, policy_host,
+                                                                 tmp_path):
+    world.resolve(sts_zone({"mx1.remote.test": (10, "127.0.0.2")}))
+    policy_host(policy_text("testing", ["mx1.remote.test"]))
+    mx = tls_mx(world, pki, "127.0.0.2", cert=self_signed(pki.directory, "mx1.remote.test"))
+    server = tls_server(world, pki)
+    send(server, ["bob@remote.test"])
+    assert mx.wait_for(1)
+    assert mx.tls == [True]                         # opportunistic TLS, as before
+    assert logged(tmp_path, "MTA-STS testing: mx1.remote.test (127.0.0.2:"
+                            f"{world.port}) would have failed: TLS with an unchecked "
+                            "certificate instead of a certificate valid for it (RFC 8461 5")
+    assert wait_until(lambda: tls_memory(tmp_path).get("remote.test", {}).get("level")
+                      == "tls")
+
+
+def test_mta_sts_does_not_apply_to_a_static_route(world, pki, policy_host, tmp_path):
+    world.resolve(sts_zone({"mx1.remote.test": (10, "127.0.0.2")}))
+    policy = policy_host(policy_text("enforce", ["mx1.remote.test"]))
+    mx = world.mx("127.0.0.4")                      # no STARTTLS at all
+    server = tls_server(world, pki, **{"relay.routes": f"remote.test=127.0.0.4:{world.port}"})
+    send(server, ["bob@remote.test"])
+    assert mx.wait_for(1)
+    assert policy.requests == []
+
+
+def test_mta_sts_off_fetches_nothing_and_remembers_nothing(world, pki, policy_host, tmp_path):
+    world.resolve(sts_zone({"mx1.remote.test": (10, "127.0.0.2")}))
+    policy = policy_host(policy_text("enforce", ["mx1.remote.test"]))
+    mx = tls_mx(world, pki, "127.0.0.2", cert=self_signed(pki.directory, "mx1.remote.test"))
+    server = tls_server(world, pki, **{"relay.mta_sts": "no"})
+    send(server, ["bob@remote.test"])
+    assert mx.wait_for(1)
+    assert policy.requests == [] and tls_memory(tmp_path) == {}
+
+
+@pytest.mark.parametrize("later", ["no STARTTLS", "self-signed"])
+def test_tls_memory_refuses_a_downgrade_with_a_4xx(world, pki, tmp_path, later):
+    dns = world.resolve(sts_zone({"mx1.remote.test": (10, "127.0.0.2")}, policy_id=None))
+    first = tls_mx(world, pki, "127.0.0.2")
+    server = tls_server(world, pki)
+    send(server, ["bob@remote.test"])
+    assert first.wait_for(1) and first.tls == [True]
+    assert wait_until(lambda: tls_memory(tmp_path).get("remote.test", {}).get("level")
+                      == "verified")
+    # the domain's mail now goes to another host that offers less
+    dns.records["remote.test"] = [("MX", "10 mx2.remote.test.")]
+    dns.records["mx2.remote.test"] = a_record("127.0.0.3")
+    second = world.mx("127.0.0.3") if later == "no STARTTLS" else \
+        tls_mx(world, pki, "127.0.0.3", name="mx2.remote.test",
+               cert=self_signed(pki.directory, "mx2.remote.test"))
+    send(server, ["carol@remote.test"])
+    assert logged(tmp_path, "<carol@remote.test>: pending: 451 4.7.5 remote.test has taken "
+                            "mail over verified TLS before; refusing to downgrade")
+    assert second.messages == [] and server.system.spool.names()
+    assert not any(line.startswith("MAIL") for line in second.commands)
+
+
+def test_tls_domains_and_queue_listings(world, pki, policy_host, tmp_path, capsys):
+    world.resolve(sts_zone({"mx1.remote.test": (10, "127.0.0.2")}))
+    policy_host(policy_text("enforce", ["mx1.remote.test"], max_age=86400))
+    mx = tls_mx(world, pki, "127.0.0.2", rcpt=["250 2.1.5 ok", "450 4.2.0 later"])
+    server = tls_server(world, pki)
+    send(server, ["bob@remote.test", "carol@remote.test"])
+    assert mx.wait_for(1)
+    assert logged(tmp_path, "<carol@remote.test>: pending")
+    assert wait_until(lambda: tls_memory(tmp_path).get("remote.test", {}).get("level")
+                      == "verified")
+    config = server.system.config
+    assert commands.show_tls_domains(config) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(r"remote\.test  verified since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d  "
+                        rf"MTA-STS enforce id {STS_ID} expires in (23|24)h "
+                        r"\(mx mx1\.remote\.test\)", lines[0]), lines[0]
+    assert commands.show_queue(config) == 0
+    listing = capsys.readouterr().out
+    assert "TLS of the queued domains" in listing and "    remote.test  verified" in listing
+
+
+def test_show_tls_domains_with_nothing_remembered(tmp_path, capsys):
+    assert commands.show_tls_domains(make_config(tmp_path)) == 0
+    assert capsys.readouterr().out == "No domain has a TLS record or an MTA-STS policy yet\n"
+
+
+class StubSigner:
+    """dkimsign.Signer's interface: records what it was given to sign."""
+    HEADER = b"DKIM-Signature: v=1; a=rsa-sha256; d=test.ru; s=s1;\r\n\tb=c3R1Yg==\r\n"
+
+    def __init__(self):
+        self.signed = []
+
+    def sign(self, message, reverse_path_domain):
+        self.signed.append((message, reverse_path_domain))
+        return self.HEADER
+
+
+STUFFED_TEXT = b"From: <alice@test.ru>\r\nSubject: dots\r\n\r\n.leading dot\r\n..two\r\nend\r\n"
+
+
+@pytest.mark.parametrize("chunking", [False, True])
+def test_a_dkim_signature_goes_before_the_text(world, tmp_path, chunking):
+    mx = world.mx("127.0.0.2", ehlo=ehlo_offering(*(["CHUNKING"] if chunking else [])))
+    config = make_config(tmp_path, **{"relay.routes": f"remote.test=127.0.0.2:{world.port}"})
+    log = make_log(tmp_path)
+    spool = make_spool(tmp_path)
+    message = spool.read(write_spool(spool, ["bob@remote.test"], text=STUFFED_TEXT))
+    signer = StubSigner()
+    reports = []
+    Transaction(config, Resolver(config, log), log, message, "remote.test",
+                list(message.recipients), reports.append, signer=signer).run()
+    assert mx.wait_for(1)
+    # signed: the message as sent, the stuffing undone (RFC 5321 4.5.2)
+    assert signer.signed == [(STUFFED_TEXT, "test.ru")]
+    assert mx.messages[0][2] == StubSigner.HEADER + STUFFED_TEXT
+    if chunking:
+        assert mx.chunks[0][1].startswith(StubSigner.HEADER + b"From: <alice@test.ru>")
+    else:
+        assert not mx.chunks
+    size = len(StubSigner.HEADER) + message.text_size
+    assert any(line.startswith("MAIL") and f"SIZE={size}" in line for line in mx.commands)
+
+
+def test_mail_of_another_domain_is_not_signed(world, tmp_path):
+    mx = world.mx("127.0.0.2")
+    config = make_config(tmp_path, **{"relay.routes": f"remote.test=127.0.0.2:{world.port}"})
+    log = make_log(tmp_path)
+    spool = make_spool(tmp_path)
+    message = spool.read(write_spool(spool, ["bob@remote.test"], sender="eve@elsewhere.test"))
+    signer = StubSigner()
+    Transaction(config, Resolver(config, log), log, message, "remote.test",
+                list(message.recipients), lambda outcomes: None, signer=signer).run()
+    assert mx.wait_for(1)
+    assert signer.signed == [] and not mx.messages[0][2].startswith(b"DKIM-Signature")
