@@ -36,7 +36,6 @@ DEFAULTS = {
         "max_errors": "10",
         "max_rejected_recipients": "20",
         "user": "nobody",
-        "processes": "1",
     },
     "domains": {"local": "test.ru"},
     "users": {"file": "users", "aliases": "", "suffix_separators": "+"},
@@ -96,7 +95,6 @@ class Config:
     max_recipients: int
     max_errors: int             # bad commands (syntax, sequence, unknown verbs) before 421
     max_rejected_recipients: int    # RCPTs refused with 550/554 before 421
-    processes: int              # server processes accepting on the port (0: one per core)
     user: str
     local_domains: tuple
     users_file: str
@@ -133,6 +131,7 @@ class Config:
     web_listen: tuple           # (host, port) of the live web view, or () when it is off
     web_password: str           # HTTP basic auth; "" allows loopback clients only
     dkim_keys: dict             # local domain -> (selector, path of its PEM private key)
+    dkim_selector: str          # the selector of a key given without one, and of --dkim-keygen
     check_spf: str              # off, tag (headers only) or enforce (RFC 7208)
     check_dkim: str             # off, tag or enforce (RFC 6376)
     check_dmarc: str            # off, tag or enforce (RFC 7489)
@@ -270,7 +269,6 @@ def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
         max_recipients=value.integer("server", "max_recipients", minimum=1),
         max_errors=value.integer("server", "max_errors", minimum=1),
         max_rejected_recipients=value.integer("server", "max_rejected_recipients", minimum=1),
-        processes=value.processes("server", "processes"),
         user=value.text("server", "user"),
         local_domains=value.domains("domains", "local"),
         users_file=value.path("users", "file"),
@@ -307,6 +305,7 @@ def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
         web_listen=value.listen("web", "listen"),
         web_password=value.text("web", "password", required=False),
         dkim_keys=value.dkim_keys("dkim", "keys", "selector"),
+        dkim_selector=value.text("dkim", "selector"),
         check_spf=value.choice("checks", "spf", CHECK_MODES),
         check_dkim=value.choice("checks", "dkim", CHECK_MODES),
         check_dmarc=value.choice("checks", "dmarc", CHECK_MODES),
@@ -436,12 +435,6 @@ class _Reader:
         if not host or not 0 < port < 65536:
             self.fail(section, key, f"{item!r} is not host[:port]")
         return host, port
-
-    def processes(self, section, key):
-        """A number of processes, or `auto` (one per core)."""
-        if self.raw(section, key).lower() == "auto":
-            return 0
-        return self.integer(section, key, minimum=1, maximum=256)
 
     def dkim_keys(self, section, key, selector_key):
         """`test.ru=conf/dkim/test.ru.pem, ...` (a `selector:` before the path overrides

@@ -17,7 +17,10 @@ import pwd
 import time
 
 import bounce
+import dkimsign
+import dkimverify
 import durable
+import mtasts
 import resolver
 from config import ConfigError
 from log import Log
@@ -40,6 +43,9 @@ def preload():
     """Import now what the server would otherwise import on first use."""
     bounce.preload()
     resolver.preload()
+    dkimsign.preload()
+    dkimverify.preload()
+    mtasts.preload()
     "mail.example".encode("idna")           # socket.getaddrinfo's codec for host names
 
 
@@ -123,6 +129,8 @@ def check_access(config):
         readable.append(("[users] aliases", config.aliases_file))
     if config.tls_cert:
         readable += [("[tls] cert", config.tls_cert), ("[tls] key", config.tls_key)]
+    if config.relay_ca_file:            # the relay loads it for each verifying TLS context
+        readable.append(("[relay] ca_file", config.relay_ca_file))
     for label, path in readable:
         if not os.access(path, os.R_OK):
             raise StartupError(f"{label} {path}: {_why_not(path, user, 'readable')}")

@@ -15,6 +15,7 @@ import ssl
 import time
 
 import authresults
+import dkimsign
 import dsn
 import queuerunner
 import state
@@ -44,6 +45,8 @@ class MailSystem:
         self.tls_context = make_tls_context(config)
         # [checks] (issue 15): asked of the server's own nameservers, as the relay is
         self.checks = Checks.from_config(config, Resolver(config, log).lookup, log)
+        # read now, as root: the keys are 0600 files (raises dkimsign.SigningKeyError)
+        self.signer = dkimsign.Signer(config.dkim_keys, log) if config.dkim_keys else None
         self.queue = None
         self._spool_lock = None
 
@@ -59,7 +62,7 @@ class MailSystem:
                                f"{self.spool.owner()}")
         self.router.forwarder = Forwarder.for_spool(self.spool.directory)
         self.queue = queuerunner.QueueRunner(self.config, self.spool, self.router,
-                                             self.submit_message, self.log)
+                                             self.submit_message, self.log, self.signer)
         self.queue.start()
         return self
 

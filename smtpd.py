@@ -24,6 +24,7 @@ import time
 import commands
 import config as configuration
 import daemon
+import dkimsign
 import events
 import explain
 import replies
@@ -523,7 +524,8 @@ def start(config, log=None, console=True):
 
 
 def main(argv=None):
-    """The command line: serve, or one of the tools (--fsm, --queue, --flush, --add-user)."""
+    """The command line: serve, or one of the tools (--fsm, --queue, --flush, --add-user,
+    --dkim-keygen, --tls-domains)."""
     try:
         config, args = configuration.load(sys.argv[1:] if argv is None else argv)
         if args.fsm:
@@ -535,9 +537,14 @@ def main(argv=None):
             return commands.flush_queue(config)
         if args.add_user:
             return commands.add_user(config, args.add_user)
+        if args.dkim_keygen:
+            return dkimsign.keygen_main(config, args.dkim_keygen,
+                                        args.selector or config.dkim_selector)
+        if args.tls_domains:
+            return commands.show_tls_domains(config)
         server = daemon.start_service(config, Server)
     except (configuration.ConfigError, daemon.StartupError, StorageError, UsersFileError,
-            AliasError) as error:
+            AliasError, dkimsign.SigningKeyError) as error:
         return commands.fail(f"smtpd: {error}")
     return serve_until_signalled(server)
 

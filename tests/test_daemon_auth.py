@@ -1,0 +1,260 @@
+"""Issue 15 the way users run it: the real `python smtpd.py`, as root with the drop to nobody.
+
+On the way out: `--dkim-keygen` makes a key and prints its record; the running server signs
+what it relays with it (the key file is root's, 0600: it is read before the drop), and the
+signature verifies against the record printed. On the way in: SPF, DKIM and DMARC against a
+loopback DNS zone, with `[checks]` enforced: the replies on the wire, and the
+Authentication-Results in the Maildir file (or the file in `.Junk/`).
+
+The relay networks are set to 192.0.2.0/24 where mail must be checked: the tests connect
+from 127.0.0.1, which is then an outside client.
+"""
+import os
+import re
+import stat
+
+import dkim
+import pytest
+
+from tests.daemon import Sandbox, is_root, require_root
+from tests.test_daemon import route, send, text
+from tests.waiting import wait_until
+from tests.wire import Client
+
+OUTSIDE = {"relay.networks": "192.0.2.0/24"}        # 127.0.0.1 is not a relay client
+ENFORCE = {"checks.spf": "enforce", "checks.dkim": "enforce", "checks.dmarc": "enforce"}
+HOSTNAME = "mail.test.ru"                           # [server] hostname, the authserv-id
+
+
+@pytest.fixture
+def sandbox():
+    box = Sandbox()
+    yield box
+    box.cleanup()
+
+
+def published_record(output):
+    """(name, value) of the TXT record --dkim-keygen printed: `name IN TXT ( "..." "..." )`
+    or `name TXT "..."`, its quoted strings joined (RFC 1035 5.1)."""
+    match = re.search(r"^(\S+)\s+(?:\d+\s+)?(?:IN\s+)?TXT\s+(.*?)$", output, re.M | re.S)
+    assert match, output
+    strings = re.findall(r'"((?:[^"\\]|\\.)*)"', match.group(2))
+    assert strings, output
+    return match.group(1).rstrip("."), "".join(strings)
+
+
+def keygen(sandbox, domain="test.ru", selector="s2"):
+    """`python smtpd.py --dkim-keygen DOMAIN --selector S`: (key path, record name, value)."""
+    rc, out, err = sandbox.run_cli("--dkim-keygen", domain, "--selector", selector)
+    assert rc == 0, out + err
+    key = sandbox.path("dkim", f"{domain}.pem")
+    name, value = published_record(out)
+    return key, name, value
+
+
+def txt_lookup(records):
+    """dkimpy's dnsfunc over a dict {name: TXT value} (the test's own, not the server's)."""
+    def dnsfunc(name, timeout=5):
+        return records.get(name.decode().rstrip(".").lower(), "").encode()
+    return dnsfunc
+
+
+def header_fields(raw, name):
+    """The values of every `name:` field of a stored message (unfolded)."""
+    head = raw.split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    unfolded = re.sub(r"\n[ \t]+", " ", head)
+    prefix = name.lower() + ":"
+    return [line[len(prefix):].strip() for line in unfolded.split("\n")
+            if line.lower().startswith(prefix)]
+
+
+# ---------------------------------------------------------------------------------------
+# On the way out
+
+
+def test_dkim_keygen_writes_a_private_key_and_prints_the_record_to_publish(sandbox):
+    key, name, value = keygen(sandbox)
+    assert name == "s2._domainkey.test.ru"
+    assert value.startswith("v=DKIM1;") and "k=rsa" in value and re.search(r"p=[A-Za-z0-9+/=]{300,}", value)
+    mode = stat.S_IMODE(os.stat(key).st_mode)
+    assert mode == 0o600, oct(mode)
+    rc, out, err = sandbox.run_cli("--dkim-keygen", "test.ru", "--selector", "s2")
+    assert rc != 0 and len((out + err).strip().splitlines()) == 1, out + err
+    assert key in out + err                         # the refusal names the file it keeps
+
+
+def test_relayed_mail_is_signed_with_the_key_and_verifies_against_the_record(sandbox):
+    require_root("the key is root's 0600 file, read before the drop to nobody")
+    key, name, value = keygen(sandbox)
+    assert os.stat(key).st_uid == 0
+    mx = sandbox.mx("127.0.0.2")
+    server = sandbox.start({"relay.routes": route("remote.test", mx),
+                            "dkim.keys": f"test.ru=s2:{key}"})
+    message = ("From: Alice <alice@test.ru>\r\nTo: bob@remote.test\r\nSubject: signed\r\n"
+               "Date: Wed, 02 Dec 2026 12:00:00 +0000\r\nMessage-ID: <1@test.ru>\r\n\r\n"
+               "hello\r\n..a line that was dot-stuffed\r\n.\r\n")
+    code, lines = send(server, "alice@test.ru", ["bob@remote.test"], message)
+    assert code == 250, lines
+    assert mx.wait_for(1, timeout=15), sandbox.log_text()[-2000:]
+    data = mx.messages[0][2]
+    data = data.encode() if isinstance(data, str) else data
+    assert data.startswith(b"DKIM-Signature:"), data[:300]
+    assert b"\r\n.a line that was dot-stuffed\r\n" in data
+    signature = header_fields(data.replace(b"\r\n", b"\n"), "DKIM-Signature")[0]
+    assert "d=test.ru" in signature.replace(" ", "") and "s=s2" in signature.replace(" ", "")
+    assert dkim.verify(data, dnsfunc=txt_lookup({name: value}))
+    tampered = data.replace(b"hello", b"hellO")
+    assert not dkim.verify(tampered, dnsfunc=txt_lookup({name: value}))
+    assert server.stop() == 0
+
+
+def test_a_key_the_server_cannot_use_stops_it_with_one_line(sandbox):
+    bad = sandbox.write_file(sandbox.path("bad.pem"), "not a key\n", mode=0o600)
+    code, stderr = sandbox.start_expecting_exit({"dkim.keys": f"test.ru={bad}"})
+    assert code != 0
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and bad in lines[0] and "Traceback" not in stderr, stderr
+
+
+# ---------------------------------------------------------------------------------------
+# On the way in
+
+
+def signed_by(domain, selector, key_pem, subject="checked", from_domain=None):
+    """A message from `from_domain` (default `domain`) signed by dkimpy with `key_pem` as
+    d=`domain`, with its terminator for after 354."""
+    from_domain = from_domain or domain
+    message = (f"From: someone@{from_domain}\r\nTo: alice@test.ru\r\nSubject: {subject}\r\n"
+               "Date: Wed, 02 Dec 2026 12:00:00 +0000\r\n"
+               f"Message-ID: <{subject}@{from_domain}>\r\n\r\nhello\r\n").encode()
+    header = dkim.sign(message, selector.encode(), domain.encode(), key_pem,
+                       include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+    return (header + message).decode() + ".\r\n"
+
+
+@pytest.fixture(scope="module")
+def sender_key(tmp_path_factory):
+    """An RSA key of the sending domains (made with openssl, as --dkim-keygen does) and its
+    public key as a DKIM record value."""
+    box = Sandbox(users=())
+    try:
+        _, _, value = keygen(box, "sender.test", "k1")
+        with open(box.path("dkim", "sender.test.pem"), "rb") as pem:
+            return pem.read(), value
+    finally:
+        box.cleanup()
+
+
+def zone(public_value):
+    """The loopback zone: good.test (SPF pass for 127.0.0.1, DMARC reject, a DKIM key),
+    evil.test (SPF -all), quarantined.test (SPF ?all, DMARC quarantine), slow.test (TXT
+    times out)."""
+    return {
+        "good.test": {"TXT": ['"v=spf1 ip4:127.0.0.1 -all"']},
+        "k1._domainkey.good.test": {"TXT": [_quoted(public_value)]},
+        "_dmarc.good.test": {"TXT": ['"v=DMARC1; p=reject"']},
+        "evil.test": {"TXT": ['"v=spf1 -all"']},
+        "quarantined.test": {"TXT": ['"v=spf1 ?all"']},
+        "_dmarc.quarantined.test": {"TXT": ['"v=DMARC1; p=quarantine"']},
+        "rejecting.test": {"TXT": ['"v=spf1 ?all"']},
+        "_dmarc.rejecting.test": {"TXT": ['"v=DMARC1; p=reject"']},
+        "slow.test": {"TXT": "TIMEOUT"},
+    }
+
+
+def _quoted(value):
+    """A TXT value in zone-file form: quoted strings of at most 255 octets."""
+    return " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+
+
+def start_checking(sandbox, public_value, checks=ENFORCE):
+    dns = sandbox.dns(zone(public_value))
+    return sandbox.start({**OUTSIDE, **checks, "relay.nameservers": dns.nameserver,
+                          "relay.connect_timeout": "1"})
+
+
+def test_spf_fail_enforced_is_refused_at_rcpt(sandbox, sender_key):
+    server = start_checking(sandbox, sender_key[1])
+    with Client(server.address) as client:
+        client.command("EHLO client.example")
+        assert client.command("MAIL FROM:<someone@evil.test>")[0] == 250
+        code, lines = client.command("RCPT TO:<alice@test.ru>")
+        assert code == 550 and lines[-1][4:].startswith("5.7.23"), lines
+        assert "evil.test" in lines[-1]
+    assert sandbox.maildir_messages("alice@test.ru") == []
+    assert server.stop() == 0
+
+
+def test_a_dns_timeout_enforced_is_a_451(sandbox, sender_key):
+    server = start_checking(sandbox, sender_key[1])
+    with Client(server.address) as client:
+        client.command("EHLO client.example")
+        client.command("MAIL FROM:<someone@slow.test>")
+        code, lines = client.command("RCPT TO:<alice@test.ru>")
+        assert code == 451 and lines[-1][4:].startswith("4.7."), lines
+    assert server.stop() == 0
+
+
+def test_aligned_signed_mail_passes_and_carries_one_authentication_results(sandbox, sender_key):
+    pem, value = sender_key
+    server = start_checking(sandbox, value)
+    forged = f"Authentication-Results: {HOSTNAME}; dkim=pass header.d=evil.test\r\n"
+    theirs = "Authentication-Results: mx.elsewhere.test; spf=fail\r\n"
+    message = forged + theirs + signed_by("good.test", "k1", pem, "aligned")
+    code, lines = send(server, "someone@good.test", ["alice@test.ru"], message)
+    assert code == 250, lines
+    stored = sandbox.wait_for_messages("alice@test.ru")[0]
+    results = [value for value in header_fields(stored, "Authentication-Results")
+               if value.lower().startswith(HOSTNAME)]
+    assert len(results) == 1, stored[:1500]
+    verdict = results[0].replace("\n", " ")
+    assert re.search(r"\bspf=pass\b", verdict) and re.search(r"\bdkim=pass\b", verdict), verdict
+    assert re.search(r"\bdmarc=pass\b", verdict) and "header.d=good.test" in verdict, verdict
+    assert "header.d=evil.test" not in stored.decode()          # the forged one is gone
+    assert any(value.startswith("mx.elsewhere.test") for value in
+               header_fields(stored, "Authentication-Results"))   # another's is kept
+    assert header_fields(stored, "Received-SPF")[0].lower().startswith("pass")
+    assert server.stop() == 0
+
+
+def test_dmarc_reject_enforced_is_a_550_after_the_text(sandbox, sender_key):
+    pem, value = sender_key
+    server = start_checking(sandbox, value)
+    # SPF neutral, and signed by good.test: not aligned with rejecting.test (RFC 7489 3.1)
+    message = signed_by("good.test", "k1", pem, "unaligned", from_domain="rejecting.test")
+    code, lines = send(server, "someone@rejecting.test", ["alice@test.ru"], message)
+    assert code == 550 and lines[-1][4:].startswith("5.7.1"), lines
+    assert sandbox.maildir_messages("alice@test.ru") == []
+    assert server.stop() == 0
+
+
+def test_dmarc_quarantine_enforced_lands_in_junk(sandbox, sender_key):
+    server = start_checking(sandbox, sender_key[1])
+    code, lines = send(server, "someone@quarantined.test", ["alice@test.ru"],
+                       "From: someone@quarantined.test\r\nSubject: junk\r\n\r\nhi\r\n.\r\n")
+    assert code == 250, lines
+    junk = os.path.join(sandbox.maildir, "test.ru", "alice", ".Junk", "new")
+    assert wait_for_files(junk), sandbox.log_text()[-2000:]
+    with open(os.path.join(junk, os.listdir(junk)[0]), "rb") as stored:
+        verdict = " ".join(header_fields(stored.read(), "Authentication-Results"))
+    assert "dmarc=fail" in verdict, verdict
+    assert sandbox.maildir_messages("alice@test.ru") == []
+    if is_root():
+        uid = os.stat(junk).st_uid
+        assert uid != 0                             # made by the server as nobody
+    assert server.stop() == 0
+
+
+def test_relay_clients_are_not_checked_and_get_no_header(sandbox, sender_key):
+    dns = sandbox.dns(zone(sender_key[1]))
+    server = sandbox.start({**ENFORCE, "relay.nameservers": dns.nameserver})
+    code, lines = send(server, "someone@evil.test", ["alice@test.ru"], text("trusted"))
+    assert code == 250, lines
+    stored = sandbox.wait_for_messages("alice@test.ru")[0]
+    assert header_fields(stored, "Authentication-Results") == []
+    assert not [query for query in dns.queries if query[0] == "evil.test"]
+    assert server.stop() == 0
+
+
+def wait_for_files(folder, timeout=10):
+    return wait_until(lambda: os.path.isdir(folder) and os.listdir(folder), timeout)
