@@ -10,6 +10,7 @@ The relay networks are set to 192.0.2.0/24 where mail must be checked: the tests
 from 127.0.0.1, which is then an outside client.
 """
 import os
+import pathlib
 import re
 import stat
 
@@ -17,12 +18,16 @@ import dkim
 import pytest
 
 from tests.daemon import Sandbox, is_root, require_root
+from tests.fake_mx import ehlo_offering
+from tests.pki import pki_fixture, self_signed, server_context
+from tests.policy_server import PolicyServer, policy_text
 from tests.test_daemon import route, send, text
 from tests.waiting import wait_until
 from tests.wire import Client
 
 OUTSIDE = {"relay.networks": "192.0.2.0/24"}        # 127.0.0.1 is not a relay client
 ENFORCE = {"checks.spf": "enforce", "checks.dkim": "enforce", "checks.dmarc": "enforce"}
+pki = pki_fixture                   # the session's test CA (tests/pki.py)
 HOSTNAME = "mail.test.ru"                           # [server] hostname, the authserv-id
 
 
@@ -258,3 +263,57 @@ def test_relay_clients_are_not_checked_and_get_no_header(sandbox, sender_key):
 
 def wait_for_files(folder, timeout=10):
     return wait_until(lambda: os.path.isdir(folder) and os.listdir(folder), timeout)
+
+
+# ---------------------------------------------------------------------------------------
+# MTA-STS and the TLS memory, with the policy host on the real port 443
+
+
+POLICY_IP, MX_IP = "127.0.0.25", "127.0.0.26"
+
+
+def sts_world(sandbox, pki, mx_cert, policy_id="20261202"):
+    """remote.test: MX mx1.remote.test (a FakeMX with STARTTLS and `mx_cert`), an MTA-STS
+    policy in enforce mode served on POLICY_IP:443 with a certificate of the test CA, whose
+    certificate goes to [relay] ca_file (a copy nobody can read). Returns (mx, dns)."""
+    require_root("the policy host listens on port 443 (RFC 8461 3.3)")
+    cert, key = pki.leaf("mta-sts.remote.test")
+    policy = PolicyServer(POLICY_IP, server_context(cert, key),
+                          policy_text("enforce", ["mx1.remote.test"]), port=443)
+    sandbox.peers.append(policy)
+    mx = sandbox.mx(MX_IP, ehlo=ehlo_offering("STARTTLS"), tls_context=server_context(*mx_cert))
+    dns = sandbox.dns({"remote.test": [("MX", "10 mx1.remote.test.")],
+                       "mx1.remote.test": [("A", MX_IP)],
+                       "_mta-sts.remote.test": [("TXT", f'"v=STSv1; id={policy_id}"')],
+                       "mta-sts.remote.test": [("A", POLICY_IP)]})
+    with open(pki.cert_file, "rb") as ca:
+        ca_copy = sandbox.write_file(sandbox.path("ca.pem"), ca.read())
+    sandbox.configure({"relay.nameservers": dns.nameserver, "relay.port": mx.port,
+                       "relay.ca_file": ca_copy})
+    return mx, policy
+
+
+def test_mta_sts_enforce_delivers_over_verified_tls_and_is_remembered(sandbox, pki):
+    mx, policy = sts_world(sandbox, pki, pki.leaf("mx1.remote.test"))
+    server = sandbox.start()
+    code, lines = send(server, "alice@test.ru", ["bob@remote.test"], text("over sts"))
+    assert code == 250, lines
+    assert mx.wait_for(1, timeout=15), sandbox.log_text()[-3000:]
+    assert mx.tls and policy.requests == [("mta-sts.remote.test", "/.well-known/mta-sts.txt")]
+    assert os.path.exists(os.path.join(sandbox.spool, "mta-sts", "remote.test.json"))
+    rc, out, err = sandbox.run_cli("--tls-domains")
+    assert rc == 0, out + err
+    line = next(line for line in out.splitlines() if line.startswith("remote.test"))
+    assert "verified" in line and "enforce" in line and "20261202" in line, out
+    assert server.stop() == 0
+
+
+def test_mta_sts_enforce_with_a_bad_certificate_keeps_the_mail_queued(sandbox, pki):
+    mx, _ = sts_world(sandbox, pki, self_signed(pathlib.Path(sandbox.base), "mx1.remote.test"))
+    server = sandbox.start()
+    code, lines = send(server, "alice@test.ru", ["bob@remote.test"], text("refused"))
+    assert code == 250, lines
+    listing = sandbox.wait_for_listing(lambda listing: "4.7.5" in listing)
+    assert "4.7.5" in listing and "<bob@remote.test>" in listing, listing
+    assert mx.messages == []
+    assert server.stop() == 0
