@@ -3,8 +3,9 @@
     sudo python smtpd.py 0.0.0.0 --port 25
 
 1. Load, while still root, everything a later code path imports lazily (the bounce builder's
-   `email` modules, dnspython's record types, codecs): after the drop the interpreter's own
-   files may be unreadable (a venv or pyenv in a 0700 home directory).
+   `email` modules, dnspython's record types, codecs, dkimpy, the MTA-STS fetch; the Public
+   Suffix List and the DKIM keys are read when the mail system is built): after the drop the
+   interpreter's own files may be unreadable (a venv or pyenv in a 0700 home directory).
 2. Create the data directories that are missing, and bind the listening sockets.
 3. Started as root: hand what it created (and only that) to `[server] user`, and become it,
    as Postfix and OpenSMTPD do. `user = root` keeps root on purpose.
