@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Benchmark smtpd against aiosmtpd (Maildir) and Postfix's smtp-sink, on loopback only.
+"""Benchmark smtpd against aiosmtpd (Maildir), Postfix and Postfix's smtp-sink, on loopback.
 
     python bench/run.py [--quick] [--runs N] [--out DIR] [--only KEY,...] [--rev REV]
+    python bench/run.py --report        # RESULTS.md and the plots again, from results.json
 
 Every peer listens on its own 127.0.0.1 port and is started fresh (with its own temporary
 Maildir) for every measurement; Postfix's `smtp-source` drives the same workloads against
-each. After each run the Maildir files are counted: a run whose messages are not all on disk
-is reported as a failure, not as a rate. The deployment section (`--only deploy`, in
-deploy.py) measures memory with big messages, the dialogue log's CPU and idle TLS sessions.
-See bench/README.md for how to read the output.
+each. After each run the Maildir files are counted (after Postfix's queue has delivered): a
+run whose messages are not all on disk is reported as a failure, not as a rate. Besides the
+throughput workloads, idle connections and a connect burst (here), there are the relay drain
+(relaydrain.py), the scaling points and their plot (scaling.py), and the deployment section
+(deploy.py: memory with big messages, the dialogue log's CPU, idle TLS sessions). The
+report, bench/RESULTS.md, starts with the machine (machine.py). See bench/README.md for how
+to read it.
 
 Installs nothing: it says what is missing and stops.
 """
@@ -17,7 +21,6 @@ import atexit
 import datetime
 import json
 import os
-import platform
 import resource
 import selectors
 import shutil
@@ -34,6 +37,10 @@ ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)        # for tests/wire.py, the reply parser the tests use too
 
 import deploy                           # noqa: E402  (needs the path above)
+import machine                          # noqa: E402
+import postfix_peer                     # noqa: E402
+import relaydrain                       # noqa: E402
+import scaling                          # noqa: E402
 from tests.wire import read_reply       # noqa: E402
 SMTPD_ROOT = ROOT                   # where smtpd.py is run from; --rev exports another one
 REVISION = None                     # (rev, commit) when --rev is given
@@ -43,10 +50,12 @@ SENDER = "bench@test.ru"
 RECIPIENT = "user@" + DOMAIN        # smtp-source -r N sends Nuser@, ..., 2user@, user@
 # aiosmtpd: mailbox.Maildir without fsync (the issue's peer; the targets are ratios to it).
 # aiosmtpd-fsync: mailbox.Maildir as it ships, which fsyncs each file (not the directory).
-PEERS = ("smtpd", "aiosmtpd", "aiosmtpd-fsync", "smtp-sink")
-STORING_PEERS = ("smtpd", "aiosmtpd", "aiosmtpd-fsync")
+# postfix: a private Postfix (postfix_peer.py), virtual(8) to Maildir, fsync'd as it ships.
+PEERS = ("smtpd", "aiosmtpd", "aiosmtpd-fsync", "postfix", "smtp-sink")
+STORING_PEERS = ("smtpd", "aiosmtpd", "aiosmtpd-fsync", "postfix")
 IDLE_PEERS = ("smtpd", "aiosmtpd")
-BURST_PEERS = ("smtpd", "aiosmtpd", "smtp-sink")
+BURST_PEERS = ("smtpd", "aiosmtpd", "postfix", "smtp-sink")
+SKIPPED = {}                    # peer -> why it cannot run here (Postfix without root)
 
 # Each workload: the smtp-source options and the target ratio smtpd/aiosmtpd (issue 5).
 # Message counts are sized so that smtpd needs a few seconds per run on a 2-core machine.
@@ -62,16 +71,21 @@ WORKLOADS = [
     dict(key="s200", title="200 sessions, 1 KB",
          sessions=200, messages=3000, size=1024, recipients=1, keep=False, target=4.0),
 ]
-IDLE_LEVELS = (100, 500, 1000, 2000)
+IDLE_LEVELS = (100, 500, 1000, 2000, 10000)
+MAX_CLIENTS = 12000             # smtpd's max_clients and max_clients_per_ip in the bench
 IDLE_RSS_TARGET_KIB = 32
 NEW_CLIENT_TARGET_MS = 100
 BURST = 1024
+ISSUE17_AIOSMTPD = 1.3          # issue 17: every throughput workload >= 1.3x aiosmtpd
+ISSUE17_POSTFIX = 1.2           # ... and >= 1.2x Postfix
 DEPLOY_KEYS = ("bigmsg", "logcost", "idletls", "webcost")    # --only deploy: all four
 BIGMSG_PEERS = ("smtpd", "aiosmtpd")
 
 WORKLOAD_TIMEOUT = 180          # seconds: smtp-source is killed after this, the run fails
 START_TIMEOUT = 20              # seconds for a peer to greet after it is started
 GREETING_TIMEOUT = 10           # seconds for one 220 in the idle and burst tests
+SETTLE_TIMEOUT = 180            # seconds for a peer's queue to deliver what it accepted
+SETTLE_POLL = 0.05              # seconds between looks at the Maildirs and the queue
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,6 +142,26 @@ def raise_file_limit(needed):
     return target
 
 
+def raise_own_file_limit():
+    """In a server's child before exec: its soft open-files limit up to the hard one (the
+    10,000 idle connections need 10,000 descriptors on the server's side too)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+
+
+def sink_command(tools, host, port, count=False):
+    """smtp-sink on host:port; with `count`, it prints mesg=N after every message."""
+    sink = [tools["smtp-sink"]]
+    if os.geteuid() == 0:
+        sink += ["-u", "nobody"]            # smtp-sink refuses to run as root without it
+    if count:
+        sink.append("-c")
+    return sink + ["-m", "5000", f"{host}:{port}", "4096"]
+
+
 # ---------------------------------------------------------------------------------------
 # Processes: every one is started in its own process group and killed at the end
 
@@ -135,11 +169,12 @@ def raise_file_limit(needed):
 _children = []
 
 
-def spawn(command, log_path, cwd=None):
+def spawn(command, log_path, cwd=None, preexec_fn=None):
     log_file = open(log_path, "wb")
     try:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True,
+                                   preexec_fn=preexec_fn)
     finally:
         log_file.close()
     _children.append(process)
@@ -214,10 +249,12 @@ class Peer:
             return [sys.executable, os.path.join(BENCH, "aiosmtpd_maildir.py"),
                     "--port", str(self.port), "--maildir", self.maildir] \
                 + (["--fsync"] if self.name == "aiosmtpd-fsync" else [])
-        sink = [self.tools["smtp-sink"]]
-        if os.geteuid() == 0:
-            sink += ["-u", "nobody"]            # smtp-sink refuses to run as root without it
-        return sink + ["-m", "5000", f"{HOST}:{self.port}", "4096"]
+        if self.name == "postfix":
+            etc = postfix_peer.configure(self.directory, self.port, self.maildir,
+                                         relayhost=self.settings.get("relayhost"))
+            postfix_peer.prepare(etc)
+            return postfix_peer.master_command(etc)
+        return sink_command(self.tools, HOST, self.port)
 
     def _write_smtpd_config(self):
         users = os.path.join(self.directory, "users")
@@ -227,14 +264,17 @@ class Peer:
         # Every path absolute: smtpd may read relative ones from the config file's directory
         # or from the one it was started in.
         sections = {
-            "server": {"hostname": "mail.test.ru", "max_clients": "5000",
-                       "max_clients_per_ip": "5000", "timeout": "120",
+            "server": {"hostname": "mail.test.ru", "max_clients": str(MAX_CLIENTS),
+                       "max_clients_per_ip": str(MAX_CLIENTS), "timeout": "120",
                        "max_recipients": "100", "user": "root"},
             "domains": {"local": DOMAIN},
             "users": {"file": users},
             "storage": {"maildir": self.maildir,
                         "spool": os.path.join(self.directory, "spool")},
             "log": {"dir": os.path.join(self.directory, "logs"), "level": "WARNING"},
+            # Loopback has no DNS: no SPF/DKIM/DMARC lookups, no MTA-STS for relayed mail.
+            "checks": {"spf": "off", "dkim": "off", "dmarc": "off"},
+            "relay": {"mta_sts": "no"},
         }
         for section, keys in self.settings.items():
             sections.setdefault(section, {}).update(keys)
@@ -247,7 +287,10 @@ class Peer:
 
     def start(self):
         """Start the server and wait for its 220; on failure the process is stopped."""
-        self.process = spawn(self.command(), self.log, cwd=self.directory)
+        if self.name in SKIPPED:
+            raise RuntimeError(f"skipped: {SKIPPED[self.name]}")
+        self.process = spawn(self.command(), self.log, cwd=self.directory,
+                             preexec_fn=raise_own_file_limit)
         try:
             self._wait_for_greeting()
         except BaseException:
@@ -287,6 +330,23 @@ class Peer:
                 if os.path.isdir(new):
                     count += sum(1 for _ in os.scandir(new))
         return count
+
+    def settle(self, expected, timeout=SETTLE_TIMEOUT):
+        """Wait (bounded) until `expected` files are in the Maildirs and, for Postfix,
+        its queue is empty: Postfix's 250 means "in my queue", delivery follows. Returns
+        the seconds waited."""
+        started = time.monotonic()
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            if self.stored_files() >= expected and (
+                    self.name != "postfix" or postfix_peer.queued(self.directory) == 0):
+                break
+            time.sleep(SETTLE_POLL)
+        return time.monotonic() - started
+
+    def cpu_seconds(self):
+        """utime + stime of the server's process tree, with its reaped children's."""
+        return deploy.tree_cpu_seconds(self.process.pid)
 
     def stop(self):
         """Stop the server. Its files stay until the whole benchmark ends: deleting tens of
@@ -333,6 +393,7 @@ def drive(tools, workload, peer, scale):
     expected = messages * workload["recipients"]
     os.sync()                                   # earlier runs' writeback is not ours to pay
     counters = tcp_counters()
+    cpu_before = peer.cpu_seconds()
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, start_new_session=True)
@@ -355,10 +416,13 @@ def drive(tools, workload, peer, scale):
         result["error"] = (f"smtp-source exited {process.returncode}: "
                            + output.decode(errors="replace").strip()[-300:])
     elif peer.maildir is not None:
+        result["settle_s"] = peer.settle(expected)
         stored = peer.stored_files()
         result["stored"] = stored
         if stored != expected:
             result["error"] = f"{stored} files in the Maildirs, expected {expected}"
+    result["cpu_s"] = peer.cpu_seconds() - cpu_before     # with Postfix's delivery
+    result["cpu_ms_per_message"] = result["cpu_s"] / messages * 1000
     if result["error"] is None:
         result["rate"] = messages / elapsed
     return result
@@ -477,31 +541,6 @@ def fmt_ratio(value):
     return "–" if value is None else f"{value:.2f}×"
 
 
-def machine_description(work_dir):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    filesystem = "?"
-    try:
-        best = ""
-        with open("/proc/mounts") as mounts:
-            for line in mounts:
-                device, point, kind = line.split()[:3]
-                if os.path.realpath(work_dir).startswith(point) and len(point) >= len(best):
-                    best, filesystem = point, f"{kind} ({device} on {point})"
-    except OSError:
-        pass
-    return (f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, "
-            f"Python {platform.python_version()}, temporary Maildirs on {filesystem}; "
-            f"smtpd at {source_version()}")
-
-
 def source_version():
     """The commit of the smtpd under test, and whether its files differ from it."""
     if REVISION:
@@ -519,19 +558,25 @@ def source_version():
     return f"commit {commit}" + (f" with local changes in {', '.join(changed)}" if changed else "")
 
 
-def build_report(results, args, machine, own_checks=None):
+def build_report(results, args, own_checks=None):
     """The report's text and its checks; `own_checks` (the checks of this run alone) marks
     the other checks as carried over from an earlier run."""
     lines = []
     say = lines.append
-    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     say("# smtpd benchmark")
     say("")
-    say(f"`{results['command']}` "
-        f"on {now}: {machine}. Load average (1 min) at the start {results['load'][0]:.2f}, "
-        f"at the end {results['load'][1]:.2f}: other work on the machine shows up as noise "
-        "between runs.")
+    say(f"`{results['command']}`, {results.get('when', '?')}. Load average (1 min) at the "
+        f"start {results['load'][0]:.2f}, at the end {results['load'][1] or 0:.2f}: other "
+        "work on the machine shows up as noise between runs.")
     say("")
+    if results.get("machine"):
+        say(machine.text(results["machine"]))
+        say("")
+    say(lost_messages_line(results))
+    say("")
+    for peer, why in results.get("skipped", {}).items():
+        say(f"**{peer} was skipped**: {why}.")
+        say("")
     carried = results.get("carried", {})
     if carried:
         say("Sections not measured by this run are carried over from the previous "
@@ -541,9 +586,12 @@ def build_report(results, args, machine, own_checks=None):
     say("smtpd fsyncs every message (file and directory) before its 250. aiosmtpd stores with "
         "`mailbox.Maildir` with its fsync turned off (the issue's peer; the targets are ratios "
         "to it); aiosmtpd-fsync is `mailbox.Maildir` as it ships, which fsyncs each message "
-        "file (not the directory) inside the event loop. smtp-sink stores nothing (the C "
-        "ceiling). Messages/s are medians of the runs; every accepted message was counted on "
-        "disk (a run that lost one is a FAIL, not a rate).")
+        "file (not the directory) inside the event loop. postfix is a private Postfix "
+        "(bench/postfix_peer.py): its 250 comes once cleanup(8) has fsynced the queue file, "
+        "virtual(8) then delivers to Maildir (fsyncing each file); the rate is counted to "
+        "its last 250, and the run only counts once its queue is empty and every message is "
+        "in the Maildir. smtp-sink stores nothing (the C ceiling). Messages/s are medians of "
+        "the runs; a run that lost a message is a FAIL, not a rate.")
     say("")
     workloads = [w for w in WORKLOADS if w["key"] in results["workloads"]]
     checks = []
@@ -555,9 +603,10 @@ def build_report(results, args, machine, own_checks=None):
         if "workloads" in carried:
             say(f"_From an earlier run: {carried['workloads']}._")
             say("")
-        say("| workload | smtpd | aiosmtpd | aiosmtpd-fsync | smtp-sink | smtpd / aiosmtpd "
-            "| smtpd / aiosmtpd-fsync | smtpd / smtp-sink | target (/ aiosmtpd) | met |")
-        say("|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+        say("| workload | " + " | ".join(PEERS) + " | "
+            + " | ".join(f"smtpd / {peer}" for peer in PEERS[1:])
+            + " | target (/ aiosmtpd) | met |")
+        say("|---|" + "---:|" * (2 * len(PEERS) - 1) + "---:|:---:|")
         for workload in workloads:
             runs = results["workloads"][workload["key"]]
             rates = {peer: median([r["rate"] for r in runs.get(peer, [])]) for peer in PEERS}
@@ -575,12 +624,22 @@ def build_report(results, args, machine, own_checks=None):
                            f"({fmt_ratio(ratios['aiosmtpd'])})"
                            + (f", zero listen overflows ({overflow})"
                               if workload["key"] == "s200" else ""), met))
+            failed_postfix = any(r["error"] for r in runs.get("postfix", []))
+            checks.append((f"{workload['title']}: >= {ISSUE17_AIOSMTPD}× aiosmtpd "
+                           f"({fmt_ratio(ratios['aiosmtpd'])}) and >= {ISSUE17_POSTFIX}× "
+                           f"Postfix ({fmt_ratio(ratios['postfix'])}) (issue 17)",
+                           ratios["aiosmtpd"] is not None and ratios["postfix"] is not None
+                           and ratios["aiosmtpd"] >= ISSUE17_AIOSMTPD
+                           and ratios["postfix"] >= ISSUE17_POSTFIX
+                           and not failed and not failed_postfix))
             say(f"| {workload['title']} | "
                 + " | ".join(fmt_rate(rates[peer]) for peer in PEERS) + " | "
                 + " | ".join(fmt_ratio(ratios[peer]) for peer in PEERS[1:])
                 + f" | {target} | {'yes' if met else '**no**'} |")
         say("")
-        say("Each run (messages/s; listen-queue overflows in brackets when not zero):")
+        say("Each run (messages/s; listen-queue overflows in brackets when not zero; for "
+            "postfix, in parentheses, the time from its last 250 until its queue was empty "
+            "and every message in the Maildir):")
         say("")
         say("| workload | messages × recipients | " + " | ".join(PEERS) + " |")
         say("|---|---:|" + "---|" * len(PEERS))
@@ -591,6 +650,8 @@ def build_report(results, args, machine, own_checks=None):
                 parts = []
                 for r in runs.get(peer, []):
                     text = fmt_rate(r["rate"])
+                    if peer == "postfix" and r.get("settle_s") is not None:
+                        text += f" (+{r['settle_s']:.1f} s)"      # delivery after the 250s
                     if r["overflows"]:
                         text += f" [{r['overflows']}]"
                     parts.append(text)
@@ -669,6 +730,11 @@ def build_report(results, args, machine, own_checks=None):
             "client that believes it is connected and waits for a 220 that never comes (SMTP "
             "servers speak first, so nothing retries it): those are the 'still waiting'.")
         say("")
+    for section, module in (("relay", relaydrain), ("scaling", scaling)):
+        if results.get(section) and section in carried:
+            say(f"_The next section is from an earlier run: {carried[section]}._")
+            say("")
+        module.report(results.get(section), say, checks)
     deploy.report(results.get("deploy"), say, checks,
                   {key.split(".", 1)[1]: f"_From an earlier run: {origin}._"
                    for key, origin in carried.items() if key.startswith("deploy.")})
@@ -682,6 +748,25 @@ def build_report(results, args, machine, own_checks=None):
     return "\n".join(lines), checks
 
 
+def lost_messages_line(results):
+    """The report's statement on what was counted on disk: every run of every storing peer
+    (throughput, scaling, big messages) compared its accepted messages with the files."""
+    lost = []
+    for key, peers in results.get("workloads", {}).items():
+        for peer, runs in peers.items():
+            lost += [f"{key} {peer}" for run in runs if "files in the Maildirs" in
+                     (run.get("error") or "")]
+    for peer, rows in results.get("scaling", {}).get("points", {}).items():
+        lost += [f"scaling {peer} {row['sessions']}" for row in rows
+                 if "files in the Maildirs" in (row.get("error") or "")]
+    if lost:
+        return ("**Not every accepted message was found on disk**: " + ", ".join(lost)
+                + " (those runs are FAILs).")
+    return ("Every accepted message was counted on disk: after each run the files in every "
+            "`<maildir>/test.ru/<user>/new/` were counted against messages × recipients "
+            "(for the relay drain, the sink's own counter against the messages).")
+
+
 def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -693,7 +778,7 @@ def plot(results, path):
     figure, axes = plt.subplots(figsize=(11, 5.5))
     width = 0.8 / len(PEERS)
     colours = {"smtpd": "#1f77b4", "aiosmtpd": "#ff7f0e", "aiosmtpd-fsync": "#ffbb78",
-               "smtp-sink": "#9e9e9e"}
+               "postfix": "#2ca02c", "smtp-sink": "#9e9e9e"}
     for index, peer in enumerate(PEERS):
         values = [median([r["rate"] for r in results["workloads"][w["key"]].get(peer, [])])
                   or 0 for w in workloads]
@@ -707,7 +792,8 @@ def plot(results, path):
     axes.set_xticks(range(len(workloads)))
     axes.set_xticklabels([w["title"].replace(", ", ",\n", 1) for w in workloads], fontsize=8)
     axes.set_title("smtpd (fsync file + directory) vs aiosmtpd-Maildir (no fsync / stock "
-                   "file fsync) vs smtp-sink (stores nothing)", fontsize=10)
+                   "file fsync) vs Postfix (as it ships) vs smtp-sink (stores nothing)",
+                   fontsize=10)
     axes.legend()
     axes.grid(axis="y", which="both", alpha=0.3)
     figure.tight_layout()
@@ -810,7 +896,7 @@ def command_line(args):
     return " ".join(parts)
 
 
-SECTIONS = ("workloads", "idle", "burst", "deploy")
+SECTIONS = ("workloads", "idle", "burst", "deploy", "relay", "scaling")
 
 
 def carry_over(results, json_path, md_path):
@@ -851,38 +937,200 @@ def earlier_run_from_report(md_path):
     return f"{match[1]} on {match[2]}, smtpd at {match[3]}" if match else "an earlier run"
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Benchmark smtpd against aiosmtpd and "
-                                     "smtp-sink on 127.0.0.1 (see bench/README.md).")
+ALIASES = {"deploy": set(DEPLOY_KEYS), "memory": {"bigmsg", "idle"}}
+
+
+def parse_arguments():
+    parser = argparse.ArgumentParser(description="Benchmark smtpd against aiosmtpd, Postfix "
+                                     "and smtp-sink on 127.0.0.1 (see bench/README.md).")
     parser.add_argument("--quick", action="store_true",
                         help="a short run: a fifth of the messages, fewer idle levels")
     parser.add_argument("--runs", type=int, default=3, help="runs per workload (default 3)")
-    parser.add_argument("--out", default=os.path.join(BENCH, "results"),
-                        help="where results.md, results.png, results.json go")
+    parser.add_argument("--out", default=None,
+                        help="where RESULTS.md, scaling.svg, results.png, results.json go "
+                             "(default: RESULTS.md and scaling.svg in bench/, the rest in "
+                             "bench/results/)")
     parser.add_argument("--only", default="",
                         help="comma-separated subset: " + ",".join(w["key"] for w in WORKLOADS)
-                        + ",idle,burst," + ",".join(DEPLOY_KEYS) + " (deploy: all four)")
+                        + ",idle,burst,relay,scaling," + ",".join(DEPLOY_KEYS)
+                        + " (deploy: the last four; memory: bigmsg,idle)")
     parser.add_argument("--rev", metavar="REV",
                         help="measure smtpd as committed at git revision REV (exported to "
                              "the temporary directory) instead of the working tree")
+    parser.add_argument("--report", action="store_true",
+                        help="measure nothing: rewrite RESULTS.md (and the plots) from "
+                             "results.json")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
-    keys = {w["key"] for w in WORKLOADS} | {"idle", "burst"} | set(DEPLOY_KEYS)
+    keys = {w["key"] for w in WORKLOADS} | {"idle", "burst", "relay", "scaling"} \
+        | set(DEPLOY_KEYS)
     selected = set(filter(None, args.only.split(","))) or set(keys)
-    if "deploy" in selected:
-        selected = (selected - {"deploy"}) | set(DEPLOY_KEYS)
+    for alias, members in ALIASES.items():
+        if alias in selected:
+            selected = (selected - {alias}) | members
     unknown = selected - keys
     if unknown:
         parser.error(f"--only: unknown {', '.join(sorted(unknown))}")
+    return args, selected
 
+
+def output_paths(args):
+    """{what: path}: RESULTS.md and scaling.svg in bench/ (or --out), the rest beside."""
+    data = args.out or os.path.join(BENCH, "results")
+    top = args.out or BENCH
+    os.makedirs(data, exist_ok=True)
+    return {"report": os.path.join(top, "RESULTS.md"), "svg": os.path.join(top, "scaling.svg"),
+            "json": os.path.join(data, "results.json"), "png": os.path.join(data, "results.png")}
+
+
+def write_outputs(results, args, paths, own_checks=None):
+    report, checks = build_report(results, args, own_checks)
+    if results.get("total_s") is not None:
+        report += f"\nTotal benchmark time: {results['total_s']:.0f} s.\n"
+    with open(paths["report"], "w") as report_file:
+        report_file.write(report)
+    with open(paths["json"], "w") as json_file:
+        json.dump(results, json_file, indent=1)
+    plot(results, paths["png"])
+    scaling.plot(results.get("scaling"), paths["svg"])
+    print()
+    print(report)
+    print(f"written: {paths['report']}, {paths['svg']}, {paths['json']}, {paths['png']}")
+    return checks
+
+
+def rewrite_report(args, paths):
+    try:
+        with open(paths["json"]) as json_file:
+            results = json.load(json_file)
+    except (OSError, ValueError) as error:
+        print(f"bench: --report: cannot read {paths['json']}: {error}", file=sys.stderr)
+        return 2
+    checks = write_outputs(results, args, paths)
+    return 0 if all(met for _, met in checks) else 1
+
+
+def run_workloads(tools, work, selected, runs, scale, into):
+    for run in range(runs):
+        turn = run % len(PEERS)
+        order = PEERS[turn:] + PEERS[:turn]       # no peer always goes first
+        for workload in WORKLOADS:
+            if workload["key"] not in selected:
+                continue
+            for name in order:
+                result = drive_fresh(tools, work, name, workload, scale)
+                into.setdefault(workload["key"], {}).setdefault(name, []).append(result)
+                extra = f" [{result['overflows']} listen overflows]" \
+                    if result["overflows"] else ""
+                print(f"run {run + 1}/{runs}  {workload['title']:<36} {name:<14} "
+                      + (f"{result['rate']:8,.0f} msg/s  ({result['messages']} in "
+                         f"{result['seconds']:.2f}s){extra}" if result["rate"] else
+                         f"FAILED: {result['error']}"), flush=True)
+
+
+def drive_fresh(tools, work, name, workload, scale, settings=None):
+    """One smtp-source run against a peer started for it (and stopped after)."""
+    peer = Peer(name, tools, work, settings)
+    try:
+        peer.start()
+        return drive(tools, workload, peer, scale)
+    except RuntimeError as error:
+        return dict(messages=0, seconds=0, overflows=0, syncookies=0, rate=None,
+                    error=str(error).splitlines()[0])
+    finally:
+        peer.stop()
+
+
+def run_idle_and_burst(tools, work, selected, levels, results):
+    if "idle" in selected:
+        for name in IDLE_PEERS:
+            peer = Peer(name, tools, work)
+            try:
+                peer.start()
+                rows = idle_test(peer, levels)
+            finally:
+                peer.stop()
+            results["idle"][name] = rows
+            for row in rows:
+                print(f"idle  {name:<14} {row['connections']:5} connections: " + (
+                    f"{row['per_connection_kib']:.1f} KiB each, new client 220 in "
+                    f"{', '.join('-' if t is None else f'{t:.1f}' for t in row['new_client_ms'])}"
+                    " ms" if not row["error"] else f"FAILED: {row['error']}"), flush=True)
+    if "burst" in selected:
+        for name in BURST_PEERS:
+            peer = Peer(name, tools, work)
+            try:
+                peer.start()
+                row = burst_test(peer)
+            except RuntimeError as error:
+                print(f"burst {name:<14} FAILED: {str(error).splitlines()[0]}", flush=True)
+                continue
+            finally:
+                peer.stop()
+            results["burst"][name] = row
+            print(f"burst {name:<14} {row['greeted']}/{row['connects']} greeted, "
+                  f"{row['overflows']} listen overflows", flush=True)
+
+
+def start_sink(tools, work):
+    """smtp-sink -c on 127.0.0.2:<free port>, greeting; returns (process, port, log)."""
+    with socket.socket() as probe:
+        probe.bind((relaydrain.SINK_HOST, 0))
+        port = probe.getsockname()[1]
+    log = tempfile.mkstemp(prefix="sink-", suffix=".log", dir=work)[1]
+    process = spawn(sink_command(tools, relaydrain.SINK_HOST, port, count=True), log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((relaydrain.SINK_HOST, port), timeout=2) as client:
+                if read_reply(client, 2).startswith(b"220"):
+                    client.sendall(b"QUIT\r\n")
+                    return process, port, log
+        except OSError:
+            time.sleep(0.05)
+    stop_process(process)
+    raise RuntimeError(f"smtp-sink did not greet on {relaydrain.SINK_HOST}:{port}")
+
+
+def run_relay(tools, work, quick, results):
+    messages = relaydrain.MESSAGES_QUICK if quick else relaydrain.MESSAGES
+    size = next(w["size"] for w in WORKLOADS if w["key"] == "s200")
+    rows = relaydrain.measure(lambda name, settings: Peer(name, tools, work, settings).start(),
+                              lambda: start_sink(tools, work), stop_process, tools,
+                              messages, size)
+    results["relay"] = rows
+    for name, row in rows.items():
+        print(f"relay {name:<9} " + (f"{row['messages']} drained in {row['drain_s']:.1f} s "
+                                     f"({row['rate']:,.0f} msg/s)" if not row["error"]
+                                     else f"FAILED: {row['error']}"), flush=True)
+
+
+def run_scaling(tools, work, quick, results):
+    def drive_point(name, sessions, messages, settings):
+        workload = dict(sessions=sessions, messages=messages, size=scaling.SIZE,
+                        recipients=1, keep=False)
+        return drive_fresh(tools, work, name, workload, 1.0, settings)
+
+    results["scaling"] = scaling.measure(drive_point, quick)
+
+
+def main():
+    args, selected = parse_arguments()
+    paths = output_paths(args)
+    if args.report:
+        return rewrite_report(args, paths)
     tools = check_requirements(openssl="idletls" in selected)
-    raise_file_limit(2 * max(IDLE_LEVELS) + 2 * BURST + 1000)
+    reason = postfix_peer.unavailable()
+    if reason:
+        SKIPPED["postfix"] = reason
+        print(f"bench: the Postfix peer is skipped: {reason}", file=sys.stderr)
+    raise_file_limit(max(IDLE_LEVELS) + 2 * BURST + 2000)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     atexit.register(kill_all_children)
-    os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="smtpd-bench-")
+    os.chmod(work, 0o755)           # Postfix's processes run as `postfix` and must reach theirs
     if args.rev:
         try:
             export_revision(args.rev, os.path.join(work, "smtpd-src"))
@@ -890,84 +1138,36 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
             print(f"bench: --rev {args.rev}: {error}", file=sys.stderr)
             return 2
-    machine = machine_description(work)
+    facts = machine.describe(work, ROOT)
+    if REVISION:
+        facts["commit"] = {"head": f"{REVISION[1]} (--rev {REVISION[0]})", "dirty": []}
     scale = 0.2 if args.quick else 1.0
-    levels = IDLE_LEVELS[:2] + IDLE_LEVELS[-1:] if args.quick else IDLE_LEVELS
+    levels = (100, 2000, 10000) if args.quick else IDLE_LEVELS
     results = {"workloads": {}, "idle": {}, "burst": {}, "deploy": {},
-               "load": [os.getloadavg()[0], None], "command": command_line(args)}
+               "load": [os.getloadavg()[0], None], "command": command_line(args),
+               "machine": facts, "skipped": dict(SKIPPED)}
     started = time.monotonic()
     try:
-        for run in range(args.runs):
-            turn = run % len(PEERS)
-            order = PEERS[turn:] + PEERS[:turn]       # no peer always goes first
-            for workload in WORKLOADS:
-                if workload["key"] not in selected:
-                    continue
-                for name in order:
-                    peer = Peer(name, tools, work)
-                    try:
-                        peer.start()
-                        result = drive(tools, workload, peer, scale)
-                    except RuntimeError as error:
-                        result = dict(messages=0, seconds=0, overflows=0, syncookies=0,
-                                      rate=None, error=str(error).splitlines()[0])
-                    finally:
-                        peer.stop()
-                    results["workloads"].setdefault(workload["key"], {}) \
-                        .setdefault(name, []).append(result)
-                    extra = f" [{result['overflows']} listen overflows]" \
-                        if result["overflows"] else ""
-                    print(f"run {run + 1}/{args.runs}  {workload['title']:<36} {name:<14} "
-                          + (f"{result['rate']:8,.0f} msg/s  ({result['messages']} in "
-                             f"{result['seconds']:.2f}s){extra}" if result["rate"] else
-                             f"FAILED: {result['error']}"), flush=True)
-        if "idle" in selected:
-            for name in IDLE_PEERS:
-                peer = Peer(name, tools, work)
-                try:
-                    peer.start()
-                    rows = idle_test(peer, levels)
-                finally:
-                    peer.stop()
-                results["idle"][name] = rows
-                for row in rows:
-                    print(f"idle  {name:<14} {row['connections']:5} connections: " + (
-                        f"{row['per_connection_kib']:.1f} KiB each, new client 220 in "
-                        f"{', '.join('-' if t is None else f'{t:.1f}' for t in row['new_client_ms'])} ms"
-                        if not row["error"] else f"FAILED: {row['error']}"), flush=True)
-        if "burst" in selected:
-            for name in BURST_PEERS:
-                peer = Peer(name, tools, work)
-                try:
-                    peer.start()
-                    row = burst_test(peer)
-                finally:
-                    peer.stop()
-                results["burst"][name] = row
-                print(f"burst {name:<14} {row['greeted']}/{row['connects']} greeted, "
-                      f"{row['overflows']} listen overflows", flush=True)
+        run_workloads(tools, work, selected, args.runs, scale, results["workloads"])
+        run_idle_and_burst(tools, work, selected, levels, results)
+        if "relay" in selected:
+            run_relay(tools, work, args.quick, results)
+        if "scaling" in selected:
+            run_scaling(tools, work, args.quick, results)
         run_deploy(tools, work, selected, args.quick, results["deploy"])
     finally:
         kill_all_children()
         shutil.rmtree(work, ignore_errors=True)
 
     results["load"][1] = os.getloadavg()[0]
-    results["measured"] = f"`{results['command']}` on " \
-        f"{datetime.datetime.now():%Y-%m-%d %H:%M}, smtpd at {source_version()}"
-    _, own_checks = build_report(results, args, machine)    # the exit status: this run's
+    results["when"] = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    results["measured"] = f"`{results['command']}` on {results['when']}, smtpd at " \
+        f"{source_version()}"
+    results["total_s"] = time.monotonic() - started
+    _, own_checks = build_report(results, args)    # the exit status: this run's
     if args.only:
-        carry_over(results, os.path.join(args.out, "results.json"),
-                   os.path.join(args.out, "results.md"))
-    report, checks = build_report(results, args, machine, own_checks)
-    report += f"\nTotal benchmark time: {time.monotonic() - started:.0f} s.\n"
-    with open(os.path.join(args.out, "results.md"), "w") as report_file:
-        report_file.write(report)
-    with open(os.path.join(args.out, "results.json"), "w") as json_file:
-        json.dump(results, json_file, indent=1)
-    plot(results, os.path.join(args.out, "results.png"))
-    print()
-    print(report)
-    print(f"written: {os.path.join(args.out, 'results.md')}, results.png, results.json")
+        carry_over(results, paths["json"], paths["report"])
+    write_outputs(results, args, paths, own_checks)
     return 0 if all(met for _, met in own_checks) else 1
 
 
