@@ -14,7 +14,6 @@ import re
 # RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF: a run of 1000
 # octets without a LF (a CR counts) is one octet too many
 MAX_TEXT_LINE = 1000
-TOO_LONG_LINE = re.compile(rb"[^\n]{%d}" % MAX_TEXT_LINE)
 # RFC 5321 4.1.1.4: <CRLF>.<CRLF> ends the text, and nothing else does (2.3.8)
 END_OF_DATA = b"\r\n.\r\n"
 BARE_LINE_END = re.compile(rb"\r\n|\r|\n")        # every line end, to make each CRLF
@@ -54,7 +53,10 @@ class _Text:
         crlf = lines.count(b"\r\n")
         if lines.count(b"\n") != crlf or lines.count(b"\r") != crlf:
             self.bare_line_ending = True
-        if TOO_LONG_LINE.search(lines):
+        # RFC 5321 4.5.3.1.6: no line over 1000 octets with its CRLF. Splitting is a
+        # single pass in C; a regex for a long run of non-LF octets rescans each line
+        # from every position (40 times the CPU on a 10 KB text: issue 17's profile)
+        if len(lines) >= MAX_TEXT_LINE and max(map(len, lines.split(b"\n"))) >= MAX_TEXT_LINE:
             self.line_too_long = True
 
     def _pass_on(self, text):
