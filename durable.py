@@ -52,8 +52,68 @@ def _keep_owner_and_mode(old, new):
         os.chown(new, info.st_uid, info.st_gid)
 
 
+class _DirectorySync:
+    """The fsyncs of one directory, shared by the threads that need one (group commit).
+    An fsync makes durable every entry changed before it started, so a thread that asks
+    while one is running waits for it to end and then for one more, which the threads
+    that asked meanwhile all share: under load, one fsync per round instead of one per
+    message."""
+
+    def __init__(self):
+        self.changed = threading.Condition(_syncs_lock)
+        self.asked = 0              # requests so far, numbered 1, 2, ...
+        self.covered = 0            # requests up to this one are durable
+        self.failed_up_to = 0       # requests up to this one share a failed fsync's error
+        self.error = None
+        self.running = False
+        self.waiting = 0            # threads inside fsync_directory for this directory
+
+
+_syncs_lock = threading.Lock()
+_syncs = {}                         # directory path -> _DirectorySync, while in use
+
+
 def fsync_directory(path):
-    """Make a rename, link or unlink in `path` durable."""
+    """Make a rename, link or unlink in `path` durable (raises the fsync's OSError)."""
+    with _syncs_lock:
+        sync = _syncs.setdefault(path, _DirectorySync())
+        sync.waiting += 1
+        sync.asked += 1
+        ticket = sync.asked
+        try:
+            _wait_until_covered(path, sync, ticket)
+        finally:
+            sync.waiting -= 1
+            if not sync.waiting:
+                del _syncs[path]
+
+
+def _wait_until_covered(path, sync, ticket):
+    """With _syncs_lock held: return once request `ticket` is durable."""
+    while sync.covered < ticket:
+        if sync.failed_up_to >= ticket:
+            raise sync.error
+        if sync.running:
+            sync.changed.wait()
+            continue
+        sync.running, round_end = True, sync.asked    # all asked so far: changed before
+        _syncs_lock.release()
+        error = None
+        try:
+            _fsync(path)
+        except OSError as failure:
+            error = failure
+        finally:                    # whatever happened, the waiters hear of it
+            _syncs_lock.acquire()
+            sync.running = False
+            sync.changed.notify_all()
+        if error is None:
+            sync.covered = round_end
+        else:
+            sync.failed_up_to, sync.error = round_end, error
+
+
+def _fsync(path):
     descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(descriptor)
