@@ -193,6 +193,8 @@ def load(argv):
     args = build_parser().parse_args(argv)
     if args.port is not None and not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: not a port number (0-65535)")
+    if args.selector is not None and not args.dkim_keygen:
+        raise ConfigError("--selector: only with --dkim-keygen (see --help)")
     if args.config is not None:
         if not args.config or not os.path.exists(args.config):
             raise ConfigError(f"--config {args.config!r}: no such file")

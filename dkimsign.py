@@ -88,6 +88,10 @@ class Signer:
         self.log = log
         self.keys = {domain: read_key(selector, path)
                      for domain, (selector, path) in keys.items()}
+        for _, path in keys.values():
+            if os.stat(path).st_mode & 0o077:
+                log.warning("DKIM key %s can be read by other users than its owner: "
+                            "chmod 600 it", path)
 
     def sign(self, message, reverse_path_domain):
         """The DKIM-Signature header field for `message` (CRLF-terminated, folded with
@@ -207,16 +211,17 @@ def one_line(error):
 # --- making a key -------------------------------------------------------------------------
 
 def keygen(domain, selector, directory):
-    """Write a new RSA key to <directory>/<domain>.pem (0600) with openssl:
+    """Write a new RSA key to <directory>/<domain>.<selector>.pem (0600) with openssl:
     (key path, TXT record name, TXT record value). SigningKeyError (one line) when the file
-    exists or openssl fails."""
-    path = os.path.join(directory, f"{domain}.pem")
+    exists or openssl fails. One file per selector: a new key can be published beside the
+    one in use (RFC 6376 3.1: selectors are how keys are rotated)."""
+    path = os.path.join(directory, f"{domain}.{selector}.pem")
     if not SELECTOR.fullmatch(selector):
         raise SigningKeyError(f"selector {selector!r} is not a DNS name of letters, digits "
                               "and hyphens")
     if os.path.lexists(path):
-        raise SigningKeyError(f"{path} exists: not overwriting it (move it away to make "
-                              "a new key)")
+        raise SigningKeyError(f"{path} exists: not overwriting it (use another --selector "
+                              "to make a new key)")
     pem = openssl(["genpkey", "-algorithm", "RSA", "-pkeyopt", f"rsa_keygen_bits:{KEY_BITS}"],
                   b"")
     public = openssl(["pkey", "-pubout", "-outform", "DER"], pem)
@@ -286,7 +291,8 @@ def keygen_main(config, domain, selector):
     print(f"Publish in the DNS zone of {domain}:")
     print(zone_file_line(name, value))
     where = config.config_file or "the config file"
-    print(f"Then add to the [dkim] section of {where} (a comma separates keys of more domains):")
+    print(f"Then set in the [dkim] section of {where} (replacing its keys = line; a comma "
+          "separates the keys of several domains):")
     print(f"keys = {domain}={key_item}")
     return 0
 

@@ -52,7 +52,7 @@ def keygen(sandbox, domain="test.ru", selector="s2"):
     """`python smtpd.py --dkim-keygen DOMAIN --selector S`: (key path, record name, value)."""
     rc, out, err = sandbox.run_cli("--dkim-keygen", domain, "--selector", selector)
     assert rc == 0, out + err
-    key = sandbox.path("dkim", f"{domain}.pem")
+    key = sandbox.path("dkim", f"{domain}.{selector}.pem")
     name, value = published_record(out)
     return key, name, value
 
@@ -86,6 +86,11 @@ def test_dkim_keygen_writes_a_private_key_and_prints_the_record_to_publish(sandb
     rc, out, err = sandbox.run_cli("--dkim-keygen", "test.ru", "--selector", "s2")
     assert rc != 0 and len((out + err).strip().splitlines()) == 1, out + err
     assert key in out + err                         # the refusal names the file it keeps
+    rotated, _, new_value = keygen(sandbox, selector="s3")   # a new key beside the old
+    assert rotated != key and new_value != value
+    rc, out, err = sandbox.run_cli("--selector", "s2")      # not a server with a selector
+    assert rc == 2 and (out + err).strip() == "smtpd: --selector: only with --dkim-keygen " \
+        "(see --help)", out + err
 
 
 def test_relayed_mail_is_signed_with_the_key_and_verifies_against_the_record(sandbox):
@@ -144,7 +149,7 @@ def sender_key(tmp_path_factory):
     box = Sandbox(users=())
     try:
         _, _, value = keygen(box, "sender.test", "k1")
-        with open(box.path("dkim", "sender.test.pem"), "rb") as pem:
+        with open(box.path("dkim", "sender.test.k1.pem"), "rb") as pem:
             return pem.read(), value
     finally:
         box.cleanup()

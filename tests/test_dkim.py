@@ -324,17 +324,19 @@ def test_mail_dkim_fails_a_changed_copy(signer, zone):
 
 # --- making keys --------------------------------------------------------------------------
 
-def test_keygen_writes_a_0600_key_and_never_over_an_existing_file(tmp_path):
+def test_keygen_writes_a_0600_key_per_selector_and_never_over_an_existing_file(tmp_path):
     path, name, value = dkimsign.keygen("new.test", "k1", str(tmp_path / "dkim"))
-    assert path == str(tmp_path / "dkim" / "new.test.pem")
+    assert path == str(tmp_path / "dkim" / "new.test.k1.pem")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert name == "k1._domainkey.new.test"
     assert re.fullmatch(r"v=DKIM1; k=rsa; p=[A-Za-z0-9+/]+=*", value)
     before = open(path, "rb").read()
     with pytest.raises(dkimsign.SigningKeyError) as raised:
-        dkimsign.keygen("new.test", "k2", str(tmp_path / "dkim"))
+        dkimsign.keygen("new.test", "k1", str(tmp_path / "dkim"))
     assert path in str(raised.value) and "\n" not in str(raised.value)
     assert open(path, "rb").read() == before
+    rotated, _, new_value = dkimsign.keygen("new.test", "k2", str(tmp_path / "dkim"))
+    assert rotated == str(tmp_path / "dkim" / "new.test.k2.pem") and new_value != value
 
 
 def printed_record(output):
@@ -355,8 +357,8 @@ def test_keygen_main_prints_a_record_that_verifies_the_key(tmp_path, capsys, zon
     output = capsys.readouterr().out
     name, value, strings = printed_record(output)
     assert name == "k9._domainkey.main.test" and len(strings) > 1
-    assert re.search(r"^keys = main\.test=k9:dkim/main\.test\.pem$", output, re.M), output
-    key_path = tmp_path / "conf" / "dkim" / "main.test.pem"
+    assert re.search(r"^keys = main\.test=k9:dkim/main\.test\.k9\.pem$", output, re.M), output
+    key_path = tmp_path / "conf" / "dkim" / "main.test.k9.pem"
     assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
     zone.records[name] = [("TXT", " ".join(f'"{text}"' for text in strings))]
     signer = dkimsign.Signer({"main.test": ("k9", str(key_path))}, Recorder())
@@ -368,3 +370,14 @@ def test_keygen_main_prints_a_record_that_verifies_the_key(tmp_path, capsys, zon
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert str(key_path) in captured.err
+
+
+def test_a_key_others_can_read_is_used_with_a_warning(tmp_path, keys):
+    selector, path, _ = keys["test.ru"]
+    copy = tmp_path / "readable.pem"
+    copy.write_bytes(open(path, "rb").read())
+    copy.chmod(0o644)
+    log = Recorder()
+    signer = dkimsign.Signer({"test.ru": (selector, str(copy))}, log)
+    assert signer.sign(MESSAGE, "test.ru").startswith(b"DKIM-Signature:")
+    assert [line for line in log.lines if str(copy) in line and "chmod 600" in line]
