@@ -14,7 +14,10 @@ came out, for the mail reader and the filters after it.
 The authserv-id is the server's hostname (RFC 8601 2.5). The field has no version (1 is
 the default, RFC 8601 2.2) and one method result a line, folded with a tab (RFC 5322 2.2.3).
 `OwnFields` looks only at the header section (up to the first empty line), keeps every other
-field as it came, and holds back at most the one Authentication-Results field it is reading.
+field as it came, and holds back at most the start of the one Authentication-Results field
+it is reading (MAX_HELD_LINES lines, ID_SCAN_LIMIT octets): its cost is linear in the text,
+however the field is folded or nested. A field whose authserv-id cannot be read there (an
+unclosed comment, no ';') is removed, as one of ours may be (RFC 8601 5).
 """
 import re
 from typing import NamedTuple
@@ -25,7 +28,10 @@ FOLD = "\r\n\t"
 # RFC 2045 5.1: a token is any visible ASCII but these (tspecials); anything else is quoted
 TSPECIALS = set('()<>@,;:\\"/[]?=')
 _FIELD_START = re.compile(rb"authentication-results[ \t]*:", re.I)
-_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
+# RFC 8601 2.2: the authserv-id is read from this many octets of the value at most; a field
+# whose id is not found there is removed (see OwnFields), so that no field costs more
+ID_SCAN_LIMIT = 2048
+MAX_HELD_LINES = 64                 # continuation lines held before the field is decided
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
@@ -111,26 +117,69 @@ def _comment_text(text):
 
 def authserv_id(field):
     """The authserv-id of one Authentication-Results field (bytes, folded or not), lower-
-    cased: the first word before ';' once comments and folding are gone (RFC 8601 2.2)."""
-    value = field.split(b":", 1)[1].decode("utf-8", "replace")
-    value = re.sub(r"\s+", " ", value)
-    while _COMMENT.search(value):
-        value = _COMMENT.sub(" ", value)
-    value = value.split(";", 1)[0].strip()
-    if value.startswith('"'):
-        quoted = re.match(r'"((?:[^"\\]|\\.)*)"', value)
-        return re.sub(r"\\(.)", r"\1", quoted.group(1)).lower() if quoted else ""
-    return value.split(" ", 1)[0].lower()
+    cased, without a trailing dot: the first word before ';' once comments and folding are
+    gone (RFC 8601 2.2). "" when it cannot be read in the first ID_SCAN_LIMIT octets of the
+    value (an unclosed comment or quote, no ';'). One pass: linear in what it looks at."""
+    value = field.split(b":", 1)[1][:ID_SCAN_LIMIT].decode("utf-8", "replace")
+    words, word, depth, quoted, escaped = [], [], 0, False, False
+    for character in value:
+        if escaped:
+            escaped = False
+            if depth == 0:
+                word.append(character)
+        elif character == "\\" and (depth or quoted):
+            escaped = True
+        elif quoted:
+            word.append(character)
+            quoted = character != '"'
+        elif character == "(":
+            depth += 1
+        elif character == ")" and depth:
+            depth -= 1
+        elif depth:
+            continue
+        elif character == ";":
+            words.append("".join(word))
+            return _authserv_id_of(words)
+        elif character.isspace() or character == ")":
+            words.append("".join(word))
+            word = []
+        else:
+            word.append(character)
+            quoted = character == '"'
+    return ""                       # RFC 8601 2.2: no ';' after the authserv-id we can see
+
+
+def _authserv_id_of(words):
+    """The first word before the ';', unquoted (RFC 5322 3.2.4), lower-cased, without a
+    trailing dot (an absolute domain name is the same name); "" for one that is neither a
+    token nor a quoted-string."""
+    words = [word for word in words if word]
+    if not words:
+        return ""
+    first = words[0]
+    if first.startswith('"'):
+        if len(first) < 2 or not first.endswith('"'):
+            return ""
+        first = first[1:-1]
+    elif any(character in TSPECIALS for character in first):
+        return ""                   # RFC 8601 2.2: a value is a token or a quoted-string
+    return first.lower().rstrip(".")
 
 
 class OwnFields:
     """Drops, from a message fed in whole lines, every Authentication-Results field of the
-    header section whose authserv-id is ours (RFC 8601 5), continuation lines and all."""
+    header section whose authserv-id is ours (RFC 8601 5), continuation lines and all, and
+    every one whose authserv-id cannot be read (it may be ours: RFC 8601 5 lets a receiver
+    remove what it cannot trust). Only the first MAX_HELD_LINES lines of a field are held:
+    the rest of a longer field goes with it if it is removed, and is kept if it is not."""
 
     def __init__(self, authserv_id_):
-        self.ours = authserv_id_.lower()
+        self.ours = authserv_id_.lower().rstrip(".")
         self.in_header = True
-        self.held = None            # the Authentication-Results field being read
+        self.held = None            # the lines of the Authentication-Results field being read
+        self.held_size = 0          # their octets
+        self.dropping = False       # the rest of a long field already found to be removed
         self.removed = 0
 
     def feed(self, lines):
@@ -141,31 +190,50 @@ class OwnFields:
         for line in lines.splitlines(keepends=True):
             if not self.in_header:
                 kept.append(line)
-            elif self.held is not None and line[:1] in (b" ", b"\t"):
-                self.held += line
+            elif line[:1] in (b" ", b"\t") and (self.held is not None or self.dropping):
+                self._continue(line, kept)
             else:
+                self.dropping = False
                 kept.append(self._release())
                 if line in (b"\r\n", b"\n"):
                     self.in_header = False      # RFC 5322 2.1: the body follows
                     kept.append(line)
                 elif _FIELD_START.match(line):
-                    self.held = line
+                    self.held, self.held_size = [line], len(line)
                 else:
                     kept.append(line)
         return b"".join(kept)
+
+    def _continue(self, line, kept):
+        """A continuation line of the field held (or being dropped)."""
+        if self.dropping:
+            return
+        self.held.append(line)
+        self.held_size += len(line)
+        if len(self.held) < MAX_HELD_LINES and self.held_size < ID_SCAN_LIMIT:
+            return
+        # Enough of the field to read its authserv-id: decide now, stream the rest
+        ours = self._is_ours(b"".join(self.held))
+        released = self._release()
+        kept.append(released)
+        self.dropping = ours
 
     def finish(self):
         """The end of the text: a field still held (a message with no body)."""
         return self._release()
 
+    def _is_ours(self, field):
+        return authserv_id(field) in (self.ours, "")
+
     def _release(self):
         held, self.held = self.held, None
         if held is None:
             return b""
-        if authserv_id(held) == self.ours:
+        field = b"".join(held)
+        if self._is_ours(field):
             self.removed += 1
             return b""
-        return held
+        return field
 
 
 def remove_own_fields(header_block, authserv_id_):

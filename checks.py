@@ -11,19 +11,24 @@ whole, the refusals they earn, and the header fields that record them.
 Who is checked: clients that may not relay, that is neither in `[relay] networks` nor
 authenticated (transaction.may_relay; issue 15). Their recipients are all local (relaying
 for them is refused), so every message checked ends in a Maildir. Clients that may relay
-are not checked at all: no DNS, no header, the one-pass path.
+are not checked at all: no DNS, no header, the one-pass path (which still takes fields with
+our authserv-id out of the Maildir copies as the text streams, RFC 8601 5; mailsystem.py).
 
 Each check is `off` (not evaluated, not in the header), `tag` (evaluated and recorded in
 Authentication-Results, never refuses) or `enforce`:
 - SPF (RFC 7208), once per transaction at the first local RCPT: `fail` is 550 5.7.23,
   `temperror` 451 4.7.24 (RFC 7372 3.2; RFC 7208 8.4, 8.6); softfail, neutral, none and
   permerror are recorded only.
-- DKIM (RFC 6376): a message with signatures of which none passes is 550 5.7.20 (RFC 7372
-  3.1), or 451 4.7.5 when one of them could not have its key looked up (RFC 3463 3.8:
-  "cryptographic failure", the key not available); an unsigned message is accepted.
+- DKIM (RFC 6376): a message with a signature that fails (a hash or signature mismatch)
+  and none that passes is 550 5.7.20 (RFC 7372 3.1), or 451 4.7.5 when one of them could
+  not have its key looked up (RFC 3463 3.8: "cryptographic failure", the key not
+  available); a signature that is broken or unsupported (neutral, permerror) is as none
+  (RFC 6376 6.1, 6.3), and an unsigned message is accepted.
 - DMARC (RFC 7489): `fail` under p=reject is 550 5.7.1 (RFC 7489 10.3), under
   p=quarantine the copies go to each mailbox's `.Junk/` folder (RFC 7489 6.3); `temperror`
-  is 451 4.7.1 (RFC 7489 6.6.3 leaves DNS trouble to the receiver; RFC 3463 3.8 X.7.1).
+  is 451 4.7.1 (RFC 7489 6.6.3 leaves DNS trouble to the receiver; RFC 3463 3.8 X.7.1);
+  several From: fields are 550 5.7.1 (RFC 7489 6.6.1, RFC 5322 3.6). DMARC reads the whole
+  header section, beyond the head the text keeps (text.HEAD_KEPT).
 DMARC reads the SPF and DKIM results that were evaluated: with SPF or DKIM `off`, it sees
 none of that kind, and only the other can pass it.
 """
@@ -114,18 +119,19 @@ class Checks:
 
     def after_text(self, findings, draft, header_block, queue_id=""):
         """DKIM and DMARC of the whole text (read back from the draft's file), the refusal
-        they earn when enforced, else the fields to add."""
+        they earn when enforced, else the fields to add. `header_block` is the head the
+        text kept (text.HEAD_KEPT); a longer header section is read whole from the draft."""
         if findings is None:
             return Outcome()
-        if self.dkim_mode != OFF and may_be_signed(header_block):
-            try:
-                message = draft.read_text()
-            except OSError as error:
-                if self.log:
-                    self.log.error("[%s] cannot read the text back for DKIM: %s", queue_id,
-                                   error.strerror or error)
-                return Outcome(replies.LOCAL_ERROR)
-            findings.dkim_results = dkimverify.verify(message, self.lookup)
+        try:
+            header_block = whole_header_section(draft, header_block)
+            if self.dkim_mode != OFF and may_be_signed(header_block):
+                findings.dkim_results = dkimverify.verify(draft.read_text(), self.lookup)
+        except OSError as error:
+            if self.log:
+                self.log.error("[%s] cannot read the text back for DKIM and DMARC: %s",
+                               queue_id, error.strerror or error)
+            return Outcome(replies.LOCAL_ERROR)
         if self.dmarc_mode != OFF:
             findings.dmarc_result = dmarc.evaluate_message(
                 header_block, findings.spf_result, findings.dkim_results, self.lookup)
@@ -144,6 +150,10 @@ class Checks:
     def _dmarc_refusal(self, result):
         if self.dmarc_mode != ENFORCE or result is None:
             return None
+        if result.from_fields > 1:
+            # RFC 7489 6.6.1: a message with several From: fields (RFC 5322 3.6: one) may
+            # be rejected; accepting it would let a second From: get past any policy
+            return replies.DMARC_SEVERAL_FROM.format(count=result.from_fields)
         if result.result == dmarc.FAIL and result.policy == dmarc.REJECT:
             return replies.DMARC_REJECTED.format(domain=result.domain,
                                                  reason=_detail(result.reason))
@@ -153,16 +163,21 @@ class Checks:
         return None
 
     def _dkim_refusal(self, results):
-        if self.dkim_mode != ENFORCE or not results or \
+        """RFC 6376 6.1, 6.3: a signature that is broken or cannot be checked (neutral,
+        permerror) is as no signature, and unsigned mail is accepted; only a signature that
+        fails (a hash or signature mismatch), with none passing, refuses."""
+        if self.dkim_mode != ENFORCE or \
                 any(result.result == dkimverify.PASS for result in results):
             return None
         for result in results:
             if result.result == dkimverify.TEMPERROR:
                 return replies.DKIM_TEMPORARY.format(domain=result.domain,
                                                      reason=_detail(result.reason))
-        first = results[0]
-        return replies.DKIM_FAILED.format(count=len(results), domain=first.domain,
-                                          reason=_detail(first.reason))
+        failed = [result for result in results if result.result == dkimverify.FAIL]
+        if not failed:
+            return None
+        return replies.DKIM_FAILED.format(count=len(results), domain=failed[0].domain,
+                                          reason=_detail(failed[0].reason))
 
     def header_fields(self, findings):
         """Authentication-Results (RFC 8601) and Received-SPF (RFC 7208 9.1), CRLF lines,
@@ -193,6 +208,16 @@ class Checks:
             said.append(f"dmarc={verdict.result}({verdict.domain}{policy})")
         self.log.info("[%s] checks of %s: %s", queue_id, findings.client_ip,
                       " ".join(said) or "none")
+
+
+def whole_header_section(draft, header_block):
+    """The header section of checked mail whole (RFC 5322 2.1: up to the first empty line):
+    the head kept, or read from the draft's file when the head was cut at text.HEAD_KEPT
+    (RFC 7489 6.6.1: a From: field after it counts as much as one before). The section is
+    bounded by the message size limit. Raises OSError."""
+    if len(header_block) < HEAD_KEPT:
+        return header_block
+    return draft.read_header_section()
 
 
 def may_be_signed(header_block):

@@ -19,8 +19,11 @@ an Answer, or LookupFailed, which is a temperror.
 
 Choices where RFC 7489 leaves them to the receiver:
 - no From: field, or one without a domain: `none` (nothing to evaluate; RFC 7489 6.6.1);
-  several From: fields, or one with addresses in different domains: `permerror` (RFC 5322
-  3.6 allows one From:, and RFC 7489 6.6.1 does not say whose policy would apply).
+  several From: fields (RFC 5322 3.6 allows one), a From: that cannot be parsed or whose
+  domain is no domain name: `permerror`, with `from_fields` saying how many From: fields
+  there were (checks.py refuses several under enforce, RFC 7489 6.6.1).
+- a From: with addresses in different domains: each is evaluated and the strictest verdict
+  applies (SEVERITY), so that adding an address never gets a message past a policy.
 - pct= is read and ignored: the policy applies to every message, as with pct=100 (RFC 7489
   6.6.4 makes sampling the receiver's business; a small server has no sample to take).
 - a message that would fail, but whose aligned SPF or DKIM check was a temperror, is a
@@ -42,6 +45,11 @@ RELAXED, STRICT = "r", "s"                          # RFC 7489 6.3: adkim= and a
 RECORD_PREFIX = "_dmarc"                            # RFC 7489 6.1
 VERSION_TAG = ("v", "DMARC1")                       # RFC 7489 6.3: first, exactly this
 
+NOT_A_DOMAIN = "\0"               # _domain_of: an address whose domain is no domain name
+# The strictest verdict first: of a From: with several domains, the one that applies
+SEVERITY = ((FAIL, REJECT), (TEMPERROR, None), (FAIL, QUARANTINE), (FAIL, POLICY_NONE),
+            (PERMERROR, None), (NONE, None), (PASS, None))
+
 _psl = None
 _psl_lock = threading.Lock()
 
@@ -51,6 +59,8 @@ class FromDomain(NamedTuple):
     domain: str
     result: str = ""
     reason: str = ""
+    from_fields: int = 1            # From: fields in the header block (RFC 5322 3.6: one)
+    domains: tuple = ()             # the domains of a From: with addresses in several
 
 
 class Record(NamedTuple):
@@ -67,6 +77,7 @@ class DmarcResult(NamedTuple):
     policy: str                 # the p= or sp= that applies; "" when no record applies
     domain: str                 # the From: domain
     reason: str                 # one line, for the log and the header's comment
+    from_fields: int = 1        # several: a message RFC 5322 3.6 does not allow
 
 
 def public_suffix_list():
@@ -105,19 +116,26 @@ def aligned(identifier, author, mode):
 # The From: domain -------------------------------------------------------------------------
 
 def from_domain(header_block):
-    """RFC 7489 6.6.1: the one domain of the From: field of a header block (bytes, CRLF)."""
+    """RFC 7489 6.6.1: the domain of the From: field of a header block (bytes, CRLF). With
+    addresses in several domains, `domains` has them all and `domain` is ""."""
     fields = [value for name, value in _fields(header_block) if name == "from"]
     if not fields:
         return FromDomain("", NONE, "no From: field")
     if len(fields) > 1:
-        return FromDomain("", PERMERROR, f"{len(fields)} From: fields")
-    domains = {_domain_of(mailbox) for _, mailbox in email.utils.getaddresses(fields)}
+        # RFC 5322 3.6: exactly one From: field
+        return FromDomain("", PERMERROR, f"{len(fields)} From: fields", from_fields=len(fields))
+    try:
+        mailboxes = email.utils.getaddresses(fields)
+    except Exception:               # RecursionError on nested comments, and the like
+        return FromDomain("", PERMERROR, "From: not parsable")
+    domains = {_domain_of(mailbox) for _, mailbox in mailboxes}
+    if NOT_A_DOMAIN in domains:
+        return FromDomain("", PERMERROR, "From: domain is not a domain name")
     domains.discard("")
     if not domains:
         return FromDomain("", NONE, "no domain in the From: field")
     if len(domains) > 1:
-        return FromDomain("", PERMERROR,
-                          "From: addresses in several domains: " + ", ".join(sorted(domains)))
+        return FromDomain("", domains=tuple(sorted(domains)))
     return FromDomain(domains.pop())
 
 
@@ -126,21 +144,23 @@ def _fields(header_block):
     fields = []
     for line in header_block.decode("utf-8", "replace").split("\r\n"):
         if line[:1] in (" ", "\t") and fields:
-            fields[-1][1] += line
+            fields[-1][1].append(line)
         elif ":" in line:
             name, _, value = line.partition(":")
-            fields.append([name.strip().lower(), value])
-    return [(name, value) for name, value in fields]
+            fields.append([name.strip().lower(), [value]])
+    return [(name, "".join(value)) for name, value in fields]
 
 
 def _domain_of(mailbox):
+    """The domain of an address, as DNS is asked for it; "" for none, NOT_A_DOMAIN for text
+    that is no domain name (which would otherwise go to DNS as it is)."""
     domain = mailbox.rpartition("@")[2].strip().rstrip(".") if "@" in mailbox else ""
     if not domain:
         return ""
     try:
         return address.domain_name(domain)
     except address.AddressError:
-        return domain.lower()
+        return NOT_A_DOMAIN
 
 
 # The policy record ------------------------------------------------------------------------
@@ -225,8 +245,21 @@ def evaluate(header_from_domain, spf_result, dkim_results, lookup):
 
 
 def evaluate_message(header_block, spf_result, dkim_results, lookup):
-    """from_domain and evaluate in one: the DMARC result of a header block."""
+    """from_domain and evaluate in one: the DMARC result of a header block. A From: with
+    addresses in several domains gets the strictest of their verdicts (RFC 7489 6.6.1 does
+    not say whose policy applies; none of them may be bypassed by adding another)."""
     author = from_domain(header_block)
     if author.result:
-        return DmarcResult(author.result, "", "", author.reason)
-    return evaluate(author.domain, spf_result, dkim_results, lookup)
+        return DmarcResult(author.result, "", "", author.reason, author.from_fields)
+    if not author.domains:
+        return evaluate(author.domain, spf_result, dkim_results, lookup)
+    verdicts = [evaluate(domain, spf_result, dkim_results, lookup) for domain in author.domains]
+    return min(verdicts, key=_severity)
+
+
+def _severity(verdict):
+    """Where a verdict stands in SEVERITY (0: the strictest)."""
+    for rank, (result, policy) in enumerate(SEVERITY):
+        if verdict.result == result and policy in (None, verdict.policy):
+            return rank
+    return len(SEVERITY)

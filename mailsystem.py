@@ -6,7 +6,9 @@ protocol `Policy`; the bounce builder and anything else that makes mail call `su
 
     open_message(envelope, prefix) -> Draft      the text is written as it arrives
     open_message(envelope, prefix, checked=True) the same for mail checks.py checks: our
-                                                 own Authentication-Results taken out
+                                                 own Authentication-Results taken out of
+                                                 every copy (unchecked mail: of the
+                                                 Maildir copies, as it streams)
     submit(draft)                                durable in Maildir and spool, queue told
     submit_message(envelope, message)            the same for a message already in memory
 """
@@ -106,9 +108,10 @@ class MailSystem:
 
     def open_message(self, envelope, prefix=b"", checked=False):
         """A Draft that writes the text, as it arrives, to the files the router plans for it
-        (Maildir copies, the spool file, forwards). `checked`: mail from outside, whose
-        Authentication-Results fields with our authserv-id are forged (RFC 8601 5) and
-        removed from every copy. Raises StorageError."""
+        (Maildir copies, the spool file, forwards). Authentication-Results fields with our
+        authserv-id that came with a message are forged or stale (RFC 8601 5): they are
+        removed from every Maildir copy, and for `checked` mail (from outside) from every
+        copy. Raises StorageError."""
         plan = self.router.plan(envelope)
         for forward in plan.forwards:
             forward.envelope.queue_id = secrets.token_hex(8)
@@ -117,7 +120,8 @@ class MailSystem:
                           ", ".join(f"<{r.address.text}>" for r in forward.envelope.recipients))
         try:
             return Draft(self.maildir, self.spool, plan, prefix,
-                         self._own_fields if checked else None)
+                         header_filter=self._own_fields if checked else None,
+                         local_filter=self._own_fields)
         except StorageError as problem:
             self.log.error("[%s] cannot store a message: %s", envelope.queue_id, problem)
             raise

@@ -172,5 +172,7 @@ DKIM_TEMPORARY = Reply(451, "4.7.5", "DKIM key of {domain} could not be looked u
                        "try again later", "RFC 3463 3.8, RFC 6376 6.1.2")
 DMARC_REJECTED = Reply(550, "5.7.1", "DMARC policy of {domain} (p=reject) refuses this "
                        "message: {reason}", "RFC 7489 10.3")
+DMARC_SEVERAL_FROM = Reply(550, "5.7.1", "{count} From: fields: a message has exactly one "
+                           "(RFC 5322 3.6); refused by DMARC policy", "RFC 7489 6.6.1")
 DMARC_TEMPORARY = Reply(451, "4.7.1", "DMARC check of {domain} could not be completed: "
                         "{reason}; try again later", "RFC 7489 6.6.3, RFC 3463 3.8")

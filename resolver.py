@@ -33,6 +33,9 @@ import dns.rrset
 # the SOA of a negative answer, NS records in the authority section)
 RECORD_TYPES = ("MX", "A", "AAAA", "CNAME", "SOA", "NS", "TXT", "PTR")
 ADDRESS_TYPES = ("A", "AAAA")
+# dnspython's refusals of a name's syntax (before any question is sent)
+NAME_ERRORS = (dns.name.EmptyLabel, dns.name.LabelTooLong, dns.name.NameTooLong,
+               dns.name.IDNAException, dns.exception.SyntaxError, UnicodeError)
 
 
 class DeliveryError(Exception):
@@ -94,6 +97,10 @@ class Resolver:
             return Answer((), exists=False)
         except dns.resolver.NoAnswer:
             return Answer(())
+        except NAME_ERRORS:
+            # a name DNS cannot have (an empty label, one over 63 octets, a name over 255:
+            # RFC 1035 2.3.4) exists nowhere: no later try would find it
+            return Answer((), exists=False)
         except dns.exception.DNSException as error:
             raise LookupFailed(f"{record_type} lookup for {name}: {error}") from None
         return Answer(tuple(answer))

@@ -26,6 +26,7 @@ _DELIVERIES = itertools.count(1)
 STALE_AFTER = 86400             # the Maildir rule: a file in tmp/ this old is a leftover
 JUNK = "Junk"                   # the Maildir++ folder of mail DMARC quarantines
 FOLDER_MARKER = "maildirfolder"     # Maildir++: the empty file that marks a subfolder
+HEADER_END = b"\r\n\r\n"           # RFC 5322 2.1: the empty line after the header section
 COPY_BLOCK = 65536              # octets read at a time when a kept text is copied
 
 
@@ -140,13 +141,17 @@ class Draft:
     that fails (a full disk) is remembered, and the rest of the text is dropped, so that the
     session can read the text to its end and then answer; `commit()` raises it.
 
+    `local_filter` (unchecked mail): the same kind of factory, whose filter takes the fields
+    out of the Maildir copies only, in one pass as the text streams (nothing kept, nothing
+    rewritten); the spool files get the text as it came.
+
     `header_filter` (checked mail): a factory of filters (authresults.OwnFields: `feed(lines)`
     and `finish()`, whole lines in, the lines kept out) that take header fields out of every
     copy. The text is then kept as it came in a file of its own (`read_text()`), and the
     Maildir copies are written from it at `commit()`, after the fields `deliver_with` gives.
     """
 
-    def __init__(self, maildir, spool, plan, prefix=b"", header_filter=None):
+    def __init__(self, maildir, spool, plan, prefix=b"", header_filter=None, local_filter=None):
         self.maildir = maildir
         self.spool = spool
         self.envelope = plan.envelope
@@ -158,6 +163,9 @@ class Draft:
         self._prefix = prefix
         self._fields, self._junk = b"", False
         self._spool_filter = header_filter() if header_filter else None
+        # unchecked mail: the Maildir copies filtered as the text streams (RFC 8601 5)
+        self._local_filter = local_filter() if local_filter and plan.local and \
+            not header_filter else None
         try:
             if header_filter:
                 self._deferred = tuple(plan.local)
@@ -215,8 +223,27 @@ class Draft:
         if self.kept:
             self._write(self.kept, text)
             text = self._spool_filter.feed(text)
+        local = self._local_filter.feed(text) if self._local_filter else text
         for output in self.files:
-            self._write(output, output.form(text))
+            self._write(output, output.form(local if isinstance(output, _MaildirFile)
+                                            else text))
+
+    def read_header_section(self):
+        """Checked mail: the header section of the text as it came (CRLF, without the empty
+        line that ends it, RFC 5322 2.1), read back from its file a block at a time."""
+        section = bytearray()
+        with open(self.kept.file.path, "rb") as kept:
+            while True:
+                block = kept.read(COPY_BLOCK)
+                if not section and block.startswith(b"\r\n"):
+                    return b""              # no header fields: the text starts with the body
+                searched_from = max(len(section) - len(HEADER_END) + 1, 0)
+                section += block
+                end = section.find(HEADER_END, searched_from)
+                if end >= 0:
+                    return bytes(section[:end])
+                if not block:
+                    return bytes(section)
 
     def read_text(self):
         """Checked mail: the text as it came (CRLF), read back from its file."""
@@ -232,9 +259,10 @@ class Draft:
         """The Maildir copies of checked mail, from the kept text, without the fields the
         filter takes out."""
         subfolder = JUNK if self._junk else ""
-        outputs = [self._open_maildir_copy(copy, self._prefix, self._fields, subfolder)
-                   for copy in self._deferred]
-        self.files[:0] = outputs
+        outputs = []
+        for copy in self._deferred:     # each in self.files as soon as it exists: discard()
+            outputs.append(self._open_maildir_copy(copy, self._prefix, self._fields, subfolder))
+            self.files.insert(len(outputs) - 1, outputs[-1])
         self._deferred = ()
         own = self.header_filter()
         with open(self.kept.file.path, "rb") as kept:
@@ -259,6 +287,8 @@ class Draft:
         try:
             if self.kept and not self.failure:
                 self._finish_checked()
+            if self._local_filter and not self.failure:
+                self._finish_local()
             for output in self.files:
                 if isinstance(output, _SpoolFile) and not self.failure:
                     self._write(output, spool_format.END_OF_FILE)
@@ -283,6 +313,12 @@ class Draft:
         for output in self.files:
             self._write(output, output.form(tail))
         self._write_deferred_copies()
+
+    def _finish_local(self):
+        tail = self._local_filter.finish()
+        for output in self.files:
+            if isinstance(output, _MaildirFile):
+                self._write(output, output.form(tail))
 
     def discard(self):
         """Close and remove whatever is not yet under its final name."""

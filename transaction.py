@@ -183,9 +183,14 @@ def _finish_message(session):
     text, session.text = session.text, None
     findings, session.findings = session.findings, None
     session.envelope = None                 # the next transaction starts from nothing
-    refusal = check_text(text, session.policy.max_message_size) or \
-        _delivered_here_before(text.writer.envelope, text.header_block()) or \
-        _check_text_origin(session, findings, text)
+    try:
+        refusal = check_text(text, session.policy.max_message_size) or \
+            _delivered_here_before(text.writer.envelope, text.header_block()) or \
+            _check_text_origin(session, findings, text)
+    except BaseException:
+        # the session no longer holds the text: nothing else would remove its files
+        text.writer.discard()
+        raise
     if refusal:
         text.writer.discard()
         return refusal

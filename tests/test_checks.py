@@ -11,6 +11,7 @@ import pytest
 import checks
 import dkimsign
 import replies
+from resolver import Answer, LookupFailed, Resolver
 from tests.conftest import maildir_messages, make_config, stored_files
 from tests.dns_responder import DNSResponder
 from tests.test_wire import assert_reply, expect
@@ -111,6 +112,12 @@ def authentication_results(stored):
     return [line for line in headers(stored) if line.lower().startswith(b"authentication-results:")]
 
 
+def fresh(path):
+    """A directory for a second server in the same test."""
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def no_kept_texts(server):
     return stored_files(os.path.join(server.config.spool, "tmp")) == []
 
@@ -204,7 +211,7 @@ def test_a_tampered_signature_fails_dkim_enforced(tmp_path, start_server, zone, 
     assert "signed.test" in lines[-1]
     # and tagged only, dmarc=fail is recorded (p=reject is not enforced)
     (tmp_path / "tagged").mkdir()
-    tagged = checked_server(tmp_path / "tagged", start_server, zone)
+    tagged = checked_server(fresh(tmp_path / "tagged"), start_server, zone)
     assert_reply(send(tagged, "bob@signed.test", tampered), "250")
     [ours] = authentication_results(inbox(tagged)[0])
     assert b"dkim=fail" in ours and b"dmarc=fail (p=reject)" in ours
@@ -224,18 +231,38 @@ def test_forged_fields_of_ours_go_and_others_stay(tmp_path, start_server, zone):
     assert found[1] == b"Authentication-Results: other.example; dkim=pass header.d=x"
 
 
-def test_a_client_in_relay_networks_is_not_checked(tmp_path, start_server, zone):
-    server = start_server(make_config(tmp_path, **{"relay.nameservers": zone.nameserver,
-                                                   "checks.spf": "enforce",
-                                                   "checks.dmarc": "enforce"}))
+def test_a_client_in_relay_networks_is_not_checked_but_loses_fields_of_ours(
+        tmp_path, start_server, zone):
+    (tmp_path / "aliases").write_text("both: alice, carol@remote.test\n")
+    server = start_server(make_config(tmp_path, **{
+        "relay.nameservers": zone.nameserver, "checks.spf": "enforce",
+        "checks.dmarc": "enforce", "users.aliases": str(tmp_path / "aliases"),
+        "relay.routes": "remote.test=127.0.0.1:9", "relay.retry": "3600"}))
     asked = len(zone.queries)
-    text = b"Authentication-Results: mail.test.ru; spf=pass\r\n" + MESSAGE % b"reject.test"
-    assert_reply(send(server, "bob@spf-fail.test", text), "250 2.0.0")
+    theirs = b"Authentication-Results: other.example; spf=pass\r\n"
+    text = b"Authentication-Results: mail.test.ru; spf=pass\r\n" + theirs + \
+        MESSAGE % b"reject.test"
+    assert_reply(send(server, "bob@spf-fail.test", text, recipient="both@test.ru"), "250 2.0.0")
     [stored] = inbox(server)
-    assert field_names(stored)[:2] == [b"return-path", b"received"]
-    assert len(authentication_results(stored)) == 1     # theirs, trusted: left as it came
+    assert field_names(stored)[:3] == [b"return-path", b"delivered-to", b"received"]
+    # RFC 8601 5: a field with our authserv-id is not ours to trust, whoever sent it
+    assert authentication_results(stored) == [theirs.rstrip()]
     assert b"Received-SPF" not in stored
     assert len(zone.queries) == asked
+    # the copy forwarded on is the one-pass text, as it came
+    [spooled] = [name for name in os.listdir(server.config.spool) if name.endswith(".smtp")]
+    with open(os.path.join(server.config.spool, spooled), "rb") as spool_file:
+        assert text in spool_file.read()
+
+
+def test_an_unchecked_message_without_a_body_still_loses_a_last_field_of_ours(
+        tmp_path, start_server, zone):
+    server = start_server(make_config(tmp_path, **{"relay.nameservers": zone.nameserver,
+                                                   "checks.dmarc": "tag"}))
+    text = b"Subject: no body\r\nAuthentication-Results: mail.test.ru;\r\n spf=pass\r\n"
+    assert_reply(send(server, "bob@test.ru", text), "250 2.0.0")
+    [stored] = inbox(server)
+    assert stored.endswith(b"\nSubject: no body\n")
 
 
 def test_checks_off_add_nothing_and_ask_nothing(tmp_path, start_server, zone):
@@ -248,7 +275,8 @@ def test_checks_off_add_nothing_and_ask_nothing(tmp_path, start_server, zone):
 
 def test_the_replies_cite_their_rfcs():
     for reply in (replies.SPF_FAILED, replies.SPF_TEMPORARY, replies.DKIM_FAILED,
-                  replies.DKIM_TEMPORARY, replies.DMARC_REJECTED, replies.DMARC_TEMPORARY):
+                  replies.DKIM_TEMPORARY, replies.DMARC_REJECTED, replies.DMARC_TEMPORARY,
+                  replies.DMARC_SEVERAL_FROM):
         assert reply.rfc.startswith("RFC ")
 
 
@@ -299,3 +327,131 @@ def test_only_a_signed_text_is_read_back():
     assert checks.may_be_signed(b"Subject: x\r\nDKIM-Signature : v=1")
     assert checks.may_be_signed(b"dkim-signature: v=1")
     assert checks.may_be_signed(b"X" * 65536)               # not kept whole: read it
+
+
+# --- what the review found (issue 15) --------------------------------------------------------
+
+def test_a_from_field_that_cannot_be_parsed_is_a_permerror_and_leaves_nothing(
+        tmp_path, start_server, zone):
+    server = checked_server(tmp_path, start_server, zone, dmarc="enforce")
+    text = b"From: " + b"(" * 600 + b"\r\nTo: alice@test.ru\r\nSubject: x\r\n\r\nhello\r\n"
+    assert_reply(send(server, "bob@reject.test", text), "250 2.0.0")
+    [ours] = authentication_results(inbox(server)[0])
+    assert b'dmarc=permerror reason="From: not parsable"' in ours
+    assert no_kept_texts(server)
+
+
+def test_a_check_that_breaks_costs_the_transaction_and_leaves_no_file(tmp_path, start_server,
+                                                                      zone, monkeypatch):
+    server = checked_server(tmp_path, start_server, zone)
+
+    def broken(*arguments):
+        raise RuntimeError("a bug in a check")
+
+    monkeypatch.setattr(server.system.checks, "after_text", broken)
+    assert_reply(send(server, "bob@reject.test", MESSAGE % b"reject.test"), "451")
+    assert inbox(server) == [] and no_kept_texts(server)
+
+
+def test_a_from_field_after_64_kib_of_header_still_meets_its_policy(tmp_path, start_server,
+                                                                     zone):
+    padding = b"".join(b"X-Pad-%05d: %s\r\n" % (i, b"a" * 900) for i in range(80))
+    assert len(padding) > checks.HEAD_KEPT
+    server = checked_server(tmp_path, start_server, zone, dmarc="enforce")
+    lines = assert_reply(send(server, "bob@reject.test", padding + MESSAGE % b"reject.test"),
+                         "550 5.7.1")
+    assert "reject.test" in lines[-1]
+    tagged = checked_server(fresh(tmp_path / "tagged"), start_server, zone)
+    assert_reply(send(tagged, "bob@reject.test", padding + MESSAGE % b"reject.test"), "250")
+    [stored] = inbox(tagged)
+    assert b"dmarc=fail (p=reject)" in authentication_results(stored)[0]
+    assert stored.endswith(padding.replace(b"\r\n", b"\n") +
+                           (MESSAGE % b"reject.test").replace(b"\r\n", b"\n"))
+    assert no_kept_texts(server) and no_kept_texts(tagged)
+
+
+def test_a_second_from_field_is_refused_under_enforce(tmp_path, start_server, zone):
+    second = b"From: bob@reject.test\r\nFrom: x@attacker.example\r\n" + \
+        (MESSAGE % b"reject.test").split(b"\r\n", 1)[1]
+    server = checked_server(tmp_path, start_server, zone, dmarc="enforce")
+    lines = assert_reply(send(server, "bob@reject.test", second), "550 5.7.1")
+    assert "2 From: fields" in lines[-1]
+    tagged = checked_server(fresh(tmp_path / "tagged"), start_server, zone)
+    assert_reply(send(tagged, "bob@reject.test", second), "250")
+    assert b"dmarc=permerror" in authentication_results(inbox(tagged)[0])[0]
+
+
+def test_a_from_with_a_second_domain_meets_the_strictest_policy(tmp_path, start_server, zone):
+    text = b"From: x@attacker.example, bob@reject.test\r\n" + \
+        (MESSAGE % b"reject.test").split(b"\r\n", 1)[1]
+    server = checked_server(tmp_path, start_server, zone, dmarc="enforce")
+    lines = assert_reply(send(server, "bob@reject.test", text), "550 5.7.1")
+    assert "DMARC policy of reject.test" in lines[-1]
+
+
+def test_a_from_domain_dns_cannot_have_is_a_permerror_not_a_451(tmp_path, start_server, zone):
+    server = checked_server(tmp_path, start_server, zone, dmarc="enforce")
+    asked = len(zone.queries)
+    text = b"From: bob@a..b\r\nTo: alice@test.ru\r\n\r\nhello\r\n"
+    assert_reply(send(server, "bob@reject.test", text), "250 2.0.0")
+    assert b"dmarc=permerror" in authentication_results(inbox(server)[0])[0]
+    assert [name for name, _ in zone.queries[asked:]] == ["reject.test"]     # SPF only
+
+
+def test_a_name_dns_cannot_have_is_looked_up_as_no_such_name(tmp_path, zone):
+    lookup = Resolver(make_config(tmp_path, **{"relay.nameservers": zone.nameserver,
+                                               "relay.connect_timeout": DNS_TIMEOUT}),
+                      None).lookup
+    asked = len(zone.queries)
+    for name in ("_dmarc.a..b", "x" * 64 + ".test", ".".join(["a" * 60] * 5)):
+        assert lookup(name, "TXT") == Answer((), exists=False), name
+    assert len(zone.queries) == asked
+    with pytest.raises(LookupFailed):
+        lookup("slow.test", "TXT")
+
+
+def test_a_selector_dns_cannot_have_is_a_permerror_and_not_refused(tmp_path, start_server, zone,
+                                                                   key):
+    text = MESSAGE % b"signed.test"
+    signature = dkim.sign(text, b"s1", b"signed.test", key[0], include_headers=[b"from"])
+    broken = signature.replace(b"s=s1", b"s=a..b")
+    assert broken != signature
+    server = checked_server(tmp_path, start_server, zone, dkim_mode="enforce")
+    assert_reply(send(server, "bob@signed.test", broken + text), "250 2.0.0")
+    assert b"dkim=permerror" in authentication_results(inbox(server)[0])[0]
+
+
+def test_a_signature_that_cannot_be_checked_is_as_none_under_enforce(tmp_path, start_server,
+                                                                     zone):
+    server = checked_server(tmp_path, start_server, zone, dkim_mode="enforce")
+    text = MESSAGE % b"remote.example"
+    assert_reply(send(server, "bob@remote.example", text), "250 2.0.0")
+    ed25519 = (b"DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed; d=remote.example;\r\n"
+               b" s=ed; h=from:to:subject; bh=AAAA; b=AAAA\r\n")
+    assert_reply(send(server, "bob@remote.example", ed25519 + text), "250 2.0.0")
+    broken = b"DKIM-Signature: v=1; a=rsa-sha256; d=remote.example; b=AAAA\r\n"   # no s=
+    assert_reply(send(server, "bob@remote.example", broken + text), "250 2.0.0")
+    results = [clause.split()[0] for stored in inbox(server)
+               for clause in authentication_results(stored)[0].split(b";")
+               if clause.split()[:1] and clause.split()[0].startswith(b"dkim=")]
+    # the ed25519 key is not published: permerror; the tags are broken: neutral
+    assert results == [b"dkim=none", b"dkim=permerror", b"dkim=neutral"]
+
+
+def test_a_failing_second_maildir_copy_removes_the_first(tmp_path, start_server, zone):
+    (tmp_path / "aliases").write_text("team: bob\n")
+    server = checked_server(tmp_path, start_server, zone,
+                            **{"users.aliases": str(tmp_path / "aliases")})
+    bob = os.path.join(server.config.maildir, "test.ru", "bob")
+    os.makedirs(bob)
+    open(os.path.join(bob, "tmp"), "w").close()         # bob's tmp/ cannot be made
+    with Client(server.address) as client:
+        expect(client, "EHLO client.example", "250")
+        expect(client, "MAIL FROM:<bob@remote.example>", "250")
+        expect(client, "RCPT TO:<alice@test.ru>", "250")
+        expect(client, "RCPT TO:<team@test.ru>", "250")
+        expect(client, "DATA", "354")
+        client.send(MESSAGE % b"remote.example" + b".\r\n")
+        assert_reply(client.reply(), "451")
+    assert os.listdir(os.path.join(server.config.maildir, "test.ru", "alice", "tmp")) == []
+    assert no_kept_texts(server)

@@ -141,15 +141,49 @@ def test_the_from_domain_of_a_header_block():
     assert dmarc.from_domain(both).domain == "example.com"
 
 
-def test_several_from_fields_or_domains_are_a_permerror_and_none_is_none():
+def test_several_from_fields_are_a_permerror_that_says_how_many_and_none_is_none():
     two_fields = b"From: a@example.com\r\nFrom: b@example.com"
     assert dmarc.from_domain(two_fields).result == dmarc.PERMERROR
-    two_domains = b"From: a@example.com, b@relaxed.test"
-    assert dmarc.from_domain(two_domains).result == dmarc.PERMERROR
     assert dmarc.from_domain(b"Subject: x").result == dmarc.NONE
     assert dmarc.from_domain(b"From: undisclosed").result == dmarc.NONE
     result = dmarc.evaluate_message(two_fields, Spf("pass", "example.com"), [], Zone())
-    assert (result.result, result.policy) == (dmarc.PERMERROR, "")
+    assert (result.result, result.policy, result.from_fields) == (dmarc.PERMERROR, "", 2)
+    one = dmarc.evaluate_message(b"From: a@example.com", Spf("pass", "example.com"), [], Zone())
+    assert (one.result, one.from_fields) == (dmarc.PASS, 1)
+
+
+def test_a_from_with_several_domains_gets_the_strictest_verdict():
+    two_domains = b"From: a@relaxed.test, b@example.com"
+    assert dmarc.from_domain(two_domains).domains == ("example.com", "relaxed.test")
+    # relaxed.test passes by SPF, example.com (p=reject) fails: the reject applies
+    result = dmarc.evaluate_message(two_domains, Spf("pass", "relaxed.test"), [], Zone())
+    assert (result.result, result.policy, result.domain) == (dmarc.FAIL, "reject",
+                                                             "example.com")
+    # a domain without a record next to one that fails under p=quarantine: the fail
+    quarantined = b"From: a@norecord.test, b@relaxed.test"
+    result = dmarc.evaluate_message(quarantined, Spf("pass", "norecord.test"), [], Zone())
+    assert (result.result, result.policy) == (dmarc.FAIL, "quarantine")
+    # a policy that cannot be looked up next to one that passes: try again later
+    slow = b"From: a@slow.test, b@relaxed.test"
+    result = dmarc.evaluate_message(slow, Spf("pass", "relaxed.test"), [], Zone())
+    assert result.result == dmarc.TEMPERROR
+
+
+def test_a_from_that_cannot_be_parsed_is_a_permerror_and_asks_nothing():
+    zone = Zone()
+    nested = b"From: " + b"(" * 5000 + b"\r\nTo: a@test.ru"     # getaddresses recurses
+    assert dmarc.from_domain(nested) == dmarc.FromDomain("", dmarc.PERMERROR,
+                                                         "From: not parsable")
+    for bad in (b"From: bob@a..b", b"From: bob@" + b"x" * 64 + b".test", b"From: b@[192.0.2.1]"):
+        result = dmarc.evaluate_message(bad, None, [], zone)
+        assert (result.result, result.domain) == (dmarc.PERMERROR, ""), bad
+    assert zone.asked == []
+
+
+def test_a_long_folded_from_field_is_read_in_one_pass():
+    # 200 000 continuation lines: joining them one at a time would copy terabytes
+    folded = b"From: Bob\r\n" + b" x\r\n" * 200_000 + b" <bob@example.com>\r\nTo: a@test.ru"
+    assert dmarc.from_domain(folded) == dmarc.FromDomain("example.com")
 
 
 # --- authresults ----------------------------------------------------------------------------
