@@ -63,7 +63,7 @@ DEFAULTS = {
     "log": {"dir": "logs", "level": "INFO", "trace": "no"},
     "web": {"listen": "", "password": ""},
     "dkim": {"keys": "", "selector": "s1"},
-    "checks": {"spf": "tag", "dkim": "tag", "dmarc": "tag"},
+    "checks": {"spf": "tag", "dkim": "tag", "dmarc": "tag", "dns_timeout": "5"},
 }
 
 # The path keys whose value in the shipped conf/smtpd.conf is "../" + the built-in default.
@@ -135,6 +135,7 @@ class Config:
     check_spf: str              # off, tag (headers only) or enforce (RFC 7208)
     check_dkim: str             # off, tag or enforce (RFC 6376)
     check_dmarc: str            # off, tag or enforce (RFC 7489)
+    check_dns_timeout: float    # seconds for one DNS lookup of the checks (the client waits)
     config_file: str            # the file read (absolute), or "" when there was none
 
 
@@ -311,6 +312,7 @@ def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
         check_spf=value.choice("checks", "spf", CHECK_MODES),
         check_dkim=value.choice("checks", "dkim", CHECK_MODES),
         check_dmarc=value.choice("checks", "dmarc", CHECK_MODES),
+        check_dns_timeout=value.number("checks", "dns_timeout", minimum=0.1),
         config_file=config_file,
     )
 

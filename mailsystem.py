@@ -46,7 +46,8 @@ class MailSystem:
         self.spool = Spool(config.spool)
         self.tls_context = make_tls_context(config)
         # [checks] (issue 15): asked of the server's own nameservers, as the relay is
-        self.checks = Checks.from_config(config, Resolver(config, log).lookup, log)
+        self.checks = Checks.from_config(
+            config, Resolver(config, log, timeout=config.check_dns_timeout).lookup, log)
         # read now, as root: the keys are 0600 files (raises dkimsign.SigningKeyError)
         self.signer = dkimsign.Signer(config.dkim_keys, log) if config.dkim_keys else None
         self.queue = None

@@ -81,12 +81,14 @@ class Hop:
 
 
 class Resolver:
-    def __init__(self, config, log):
+    def __init__(self, config, log, timeout=None):
+        """`timeout`: seconds for one lookup (default [relay] connect_timeout; the checks of
+        incoming mail ask with [checks] dns_timeout, since a client waits for them)."""
         self.config = config
         self.log = log
         self.dns = _dns_resolver(config.nameservers)
-        self.dns.lifetime = config.connect_timeout
-        self.dns.timeout = config.connect_timeout
+        self.dns.lifetime = timeout or config.connect_timeout
+        self.dns.timeout = self.dns.lifetime
 
     def lookup(self, name, record_type):
         """Records of one type: an Answer, or LookupFailed when DNS gave none. The one way
@@ -102,7 +104,8 @@ class Resolver:
             # RFC 1035 2.3.4) exists nowhere: no later try would find it
             return Answer((), exists=False)
         except dns.exception.DNSException as error:
-            raise LookupFailed(f"{record_type} lookup for {name}: {error}") from None
+            raise LookupFailed(f"{record_type} lookup for {name}: {_short_reason(error)}") \
+                from None
         return Answer(tuple(answer))
 
     def next_hops(self, domain, tag=""):
@@ -201,6 +204,17 @@ def _dns_resolver(nameservers):
         return dns.resolver.Resolver(configure=True)
     except dns.resolver.NoResolverConfiguration:
         return dns.resolver.Resolver(configure=False)
+
+
+def _short_reason(error):
+    """What went wrong, in a few words: the text may reach a client (a 451) and a header,
+    where dnspython's own (the nameserver's address, the seconds to the millisecond) has no
+    place."""
+    if isinstance(error, dns.exception.Timeout):
+        return "timed out"
+    if isinstance(error, dns.resolver.NoNameservers):
+        return "no nameserver answered (SERVFAIL or refused)"
+    return type(error).__name__
 
 
 def _host_name(name):

@@ -40,6 +40,7 @@ def config_sections(tmp_path, users=("alice", "bob"), **overrides):
     sections["relay"]["nameservers"] = "127.0.0.1:9"
     sections["relay"]["retry"] = "1"
     sections["relay"]["connect_timeout"] = "2"
+    sections["checks"]["dns_timeout"] = "0.5"
     sections["relay"]["command_timeout"] = "5"
     sections["relay"]["data_timeout"] = "5"
     sections["auth"]["failure_delay"] = "0"

@@ -156,6 +156,7 @@ class Sandbox:
             "server.timeout": "5",
             "relay.retry": "1",
             "relay.connect_timeout": "2",
+            "checks.dns_timeout": "1",
             "relay.command_timeout": "5",
             "relay.data_timeout": "5",
             "auth.failure_delay": "0",

@@ -67,7 +67,7 @@ def zone(key):
 def checked_server(tmp_path, start_server, zone, spf="tag", dkim_mode="tag", dmarc="tag",
                    **overrides):
     settings = {**OUTSIDE, "relay.nameservers": zone.nameserver,
-                "relay.connect_timeout": DNS_TIMEOUT, "checks.spf": spf,
+                "checks.dns_timeout": DNS_TIMEOUT, "checks.spf": spf,
                 "checks.dkim": dkim_mode, "checks.dmarc": dmarc, **overrides}
     return start_server(make_config(tmp_path, **settings))
 
@@ -400,7 +400,7 @@ def test_a_from_domain_dns_cannot_have_is_a_permerror_not_a_451(tmp_path, start_
 
 def test_a_name_dns_cannot_have_is_looked_up_as_no_such_name(tmp_path, zone):
     lookup = Resolver(make_config(tmp_path, **{"relay.nameservers": zone.nameserver,
-                                               "relay.connect_timeout": DNS_TIMEOUT}),
+                                               "checks.dns_timeout": DNS_TIMEOUT}),
                       None).lookup
     asked = len(zone.queries)
     for name in ("_dmarc.a..b", "x" * 64 + ".test", ".".join(["a" * 60] * 5)):
