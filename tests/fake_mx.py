@@ -105,6 +105,10 @@ class FakeMX(socketserver.ThreadingTCPServer):
         self.shutdown()
         self.server_close()
         for sock in self.open_sockets:
+            try:                # shutdown first: close() waits for the handler's makefiles
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 sock.close()
             except OSError:

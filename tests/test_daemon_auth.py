@@ -323,3 +323,30 @@ def test_mta_sts_enforce_with_a_bad_certificate_keeps_the_mail_queued(sandbox, p
     assert "4.7.5" in listing and "<bob@remote.test>" in listing, listing
     assert mx.messages == []
     assert server.stop() == 0
+
+
+def test_a_domain_that_took_verified_tls_is_never_downgraded(sandbox, pki):
+    """TLS memory (as chasquid keeps it): no MTA-STS record, but once remote.test took mail
+    over TLS with a valid certificate, its MX without STARTTLS gets no mail: 451 4.7.5."""
+    secure = sandbox.mx(MX_IP, ehlo=ehlo_offering("STARTTLS"),
+                        tls_context=server_context(*pki.leaf("mx1.remote.test")))
+    dns = sandbox.dns({"remote.test": [("MX", "10 mx1.remote.test.")],
+                       "mx1.remote.test": [("A", MX_IP)]})
+    with open(pki.cert_file, "rb") as ca:
+        ca_copy = sandbox.write_file(sandbox.path("ca.pem"), ca.read())
+    server = sandbox.start({"relay.nameservers": dns.nameserver, "relay.port": secure.port,
+                            "relay.ca_file": ca_copy})
+    assert send(server, "alice@test.ru", ["bob@remote.test"], text("first"))[0] == 250
+    assert secure.wait_for(1, timeout=15), sandbox.log_text()[-3000:]
+    port = secure.port
+    secure.stop()
+    secure.server_close()
+    plain = sandbox.mx(MX_IP, port=port)                 # the same MX, STARTTLS gone
+    assert send(server, "alice@test.ru", ["carol@remote.test"], text("second"))[0] == 250
+    listing = sandbox.wait_for_listing(lambda listing: "4.7.5" in listing)
+    assert "<carol@remote.test>" in listing and "4.7.5" in listing, \
+        listing + sandbox.log_text()[-3000:]
+    assert plain.messages == []
+    rc, out, err = sandbox.run_cli("--tls-domains")
+    assert re.search(r"^remote\.test\s+verified", out, re.M), out + err
+    assert server.stop() == 0
