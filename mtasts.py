@@ -9,13 +9,17 @@
    Otherwise it is fetched: HTTPS GET of https://mta-sts.<domain>/.well-known/mta-sts.txt
    (RFC 8461 3.3), the host's address asked of the relay's own DNS servers, the certificate
    checked for the host name against `[relay] ca_file` (or the system's store), 200 only (a
-   redirect is not followed), text/plain, at most MAX_POLICY_OCTETS, within the relay's
-   connect timeout for each step and FETCH_DEADLINE for the body.
+   redirect is not followed), text/plain, at most MAX_HEAD_OCTETS of status line and headers
+   and MAX_POLICY_OCTETS of body (Content-Length, chunked or up to the close). Each step
+   (connect, handshake, each read) gets the relay's connect timeout, and the whole fetch,
+   over every address of the host, FETCH_DEADLINE from its start: the response is read off
+   the socket here, so a host that dribbles its headers is cut off like one that dribbles
+   its body.
 3. Parsed (RFC 8461 3.2), it is saved as <spool>/mta-sts/<domain>.json, written durably.
 A fetch that fails leaves the cached policy in force until its max_age; with none cached
-the domain has no policy (RFC 8461 3.3: a policy that cannot be had never stops delivery). When the TXT
-record disappears, a cached policy stays in force until its max_age (RFC 8461 10.2: an
-attacker who can remove the record cannot switch the policy off).
+the domain has no policy (RFC 8461 3.3: a policy that cannot be had never stops delivery).
+When the TXT record disappears, a cached policy stays in force until its max_age (RFC 8461
+10.2: an attacker who can remove the record cannot switch the policy off).
 
 `HTTPS_PORT` is the policy host's port: 443 (RFC 8461 3.3); the tests point it at their own
 loopback server, and nothing else changes it.
@@ -34,7 +38,8 @@ from typing import NamedTuple
 import durable
 from resolver import LookupFailed
 
-HTTPS_PORT = 443
+DEFAULT_HTTPS_PORT = 443
+HTTPS_PORT = DEFAULT_HTTPS_PORT
 WELL_KNOWN_PATH = "/.well-known/mta-sts.txt"           # RFC 8461 3.2
 POLICY_HOST_LABEL = "mta-sts"                           # RFC 8461 3.2
 TXT_LABEL = "_mta-sts"                                  # RFC 8461 3.1
@@ -42,11 +47,24 @@ MAX_POLICY_OCTETS = 64 * 1024                           # RFC 8461 3.3
 MAX_AGE_LIMIT = 31557600                                # RFC 8461 3.2: at most a year
 FETCH_DEADLINE = 60                                     # RFC 8461 3.3: "one minute"
 READ_SIZE = 4096
+MAX_HEAD_OCTETS = 16 * 1024                             # the status line and the headers
+MAX_CHUNK_LINE_OCTETS = 1024                            # a chunk size and its extensions
+HTTP_OK = 200
+POLICY_MEDIA_TYPE = "text/plain"                        # RFC 8461 3.2
+CHUNKED = "chunked"                                     # RFC 9112 7.1
+CRLF = b"\r\n"
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: (.*))?")     # RFC 9112 4
+HEAD_END = re.compile(rb"\r?\n\r?\n")                     # RFC 9112 2.2: a bare LF too
+LINE_END = re.compile(rb"\r?\n")
+LONGEST_LINE_END = 4                                    # what HEAD_END spans at most
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")           # RFC 9112 7.1, within MAX_POLICY_OCTETS
 CACHE_DIRECTORY = "mta-sts"
 ENFORCE, TESTING, NONE = "enforce", "testing", "none"
 MODES = (ENFORCE, TESTING, NONE)
 ID_PATTERN = re.compile(r"[A-Za-z0-9]{1,32}")           # RFC 8461 3.1: sts-id
-TXT_VERSION = "v=STSv1"
+# RFC 8461 3.1: sts-version, then sts-field-delim (*WSP ";" *WSP) or the end
+TXT_VERSION = re.compile(r"v=STSv1(?=[ \t]*;|[ \t]*$)")
+FIELD_DELIMITER = re.compile(r"[ \t]*;[ \t]*")            # RFC 8461 3.1: sts-field-delim
 
 
 class PolicyError(Exception):
@@ -105,15 +123,14 @@ def txt_id(records):
     """The id of the one `v=STSv1` TXT record among `records` (dnspython TXT rdata), or None
     when there is none, more than one, or it is not valid (RFC 8461 3.1)."""
     texts = [b"".join(record.strings).decode("ascii", "replace") for record in records]
-    candidates = [text for text in texts if text.startswith(TXT_VERSION + ";")
-                  or text == TXT_VERSION]
+    candidates = [text for text in texts if TXT_VERSION.match(text)]
     if len(candidates) != 1:
         return None
     fields = {}
-    for part in candidates[0].split(";"):
-        key, equals, value = part.strip().partition("=")
+    for part in FIELD_DELIMITER.split(candidates[0])[1:]:
+        key, equals, value = part.partition("=")
         if equals:
-            fields.setdefault(key.strip(), value.strip())
+            fields.setdefault(key, value.strip(" \t"))
     found = fields.get("id", "")
     return found if ID_PATTERN.fullmatch(found) else None
 
@@ -146,19 +163,7 @@ def parse_policy(text, domain, policy_id, now):
 
 
 # ---------------------------------------------------------------------------------------
-# The HTTPS fetch: stdlib, to an address our own DNS gave
-
-
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS to `ip`, with the TLS name (SNI and the certificate check) and Host: of `host`."""
-
-    def __init__(self, host, ip, port, context, timeout):
-        super().__init__(host, port, timeout=timeout, context=context)
-        self._ip = ip
-
-    def connect(self):
-        sock = socket.create_connection((self._ip, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+# The HTTPS fetch: a socket of our own, to an address our own DNS gave
 
 
 class Fetcher:
@@ -167,50 +172,163 @@ class Fetcher:
     def __init__(self, resolver, context, timeout):
         self.resolver = resolver
         self.context = context
-        self.timeout = timeout
+        self.timeout = timeout          # each step's: connect, handshake, each read
 
     def fetch(self, domain):
-        """The policy text. Raises PolicyError."""
+        """The policy text, within FETCH_DEADLINE of the call. Raises PolicyError."""
+        deadline = time.monotonic() + FETCH_DEADLINE      # RFC 8461 3.3: all addresses
         host = f"{POLICY_HOST_LABEL}.{domain}"
+        if not host.isascii():
+            raise PolicyError(f"{host} is not an A-label name")
         addresses, _ = self.resolver.addresses(host)
         if not addresses:
             raise PolicyError(f"no address for {host}")
         problems = []
         for ip in addresses:
             try:
-                return self._get(host, ip)
+                return self._get(host, ip, deadline)
             except (OSError, http.client.HTTPException) as error:   # ssl.SSLError is an OSError
                 problems.append(f"{ip}: {_reason(error)}")
         raise PolicyError(f"https://{host}{WELL_KNOWN_PATH}: {'; '.join(problems)}")
 
-    def _get(self, host, ip):
-        connection = _PinnedHTTPSConnection(host, ip, HTTPS_PORT, self.context, self.timeout)
+    def _get(self, host, ip, deadline):
+        """One GET to `ip`, with the TLS name (SNI and the certificate check) and Host: of
+        `host`."""
+        with socket.create_connection((ip, HTTPS_PORT), _time_left(deadline, self.timeout)) \
+                as sock, self.context.wrap_socket(sock, server_hostname=host,
+                                                  do_handshake_on_connect=False) as tls:
+            tls.settimeout(_time_left(deadline, self.timeout))  # the whole handshake's
+            tls.do_handshake()
+            tls.settimeout(_time_left(deadline, self.timeout))
+            tls.sendall(_request(host))
+            reader = _Reader(tls, deadline, self.timeout)
+            status, reason, headers = _head(reader)
+            if status != HTTP_OK:               # RFC 8461 3.3: a 3xx is not followed
+                raise PolicyError(f"HTTP {status} {reason}")
+            media_type = (headers.get("Content-Type") or "").partition(";")[0].strip()
+            if media_type.lower() != POLICY_MEDIA_TYPE:                 # RFC 8461 3.2
+                raise PolicyError(f"media type {media_type[:60] or 'missing'}, not text/plain")
+            return _body(reader, headers).decode("utf-8", "replace")
+
+
+def _request(host):
+    authority = host if HTTPS_PORT == DEFAULT_HTTPS_PORT else f"{host}:{HTTPS_PORT}"
+    return (f"GET {WELL_KNOWN_PATH} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: smtpd\r\n"
+            "Accept-Encoding: identity\r\nConnection: close\r\n\r\n").encode("ascii")
+
+
+def _time_left(deadline, step):
+    """What a socket operation may take: its step's timeout, or less, up to the deadline."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _too_slow()
+    return min(left, step)
+
+
+def _too_slow():
+    return PolicyError(f"no complete answer within {FETCH_DEADLINE}s (RFC 8461 3.3)")
+
+
+class _Reader:
+    """The response, read off the socket: each recv within the step's timeout and the
+    fetch's deadline, each part within its own cap."""
+
+    def __init__(self, sock, deadline, step):
+        self.sock = sock
+        self.deadline = deadline
+        self.step = step
+        self.buffer = b""
+
+    def _receive(self):
+        """More of the response into the buffer; False at its end (the host closed)."""
+        self.sock.settimeout(_time_left(self.deadline, self.step))
         try:
-            connection.request("GET", WELL_KNOWN_PATH, headers={"User-Agent": "smtpd"})
-            response = connection.getresponse()
-            if response.status != 200:          # RFC 8461 3.3: a 3xx is not followed
-                raise PolicyError(f"HTTP {response.status} {response.reason}")
-            if response.headers.get_content_type() != "text/plain":     # RFC 8461 3.2
-                raise PolicyError(f"media type {response.headers.get_content_type()}, "
-                                  "not text/plain")
-            return _read_capped(response, time.monotonic() + FETCH_DEADLINE).decode(
-                "utf-8", "replace")
-        finally:
-            connection.close()
+            data = self.sock.recv(READ_SIZE)
+        except socket.timeout:
+            if time.monotonic() >= self.deadline:
+                raise _too_slow() from None
+            raise                               # this address is silent: try the next
+        self.buffer += data
+        return bool(data)
+
+    def until(self, pattern, cap, what):
+        """The response up to the end of the first match of `pattern`, at most `cap`
+        octets."""
+        searched = 0
+        while True:
+            found = pattern.search(self.buffer, searched)
+            if found and found.end() <= cap:
+                piece, self.buffer = self.buffer[:found.end()], self.buffer[found.end():]
+                return piece
+            if found or len(self.buffer) > cap:
+                raise PolicyError(f"{what} longer than {cap} octets")
+            searched = max(0, len(self.buffer) - LONGEST_LINE_END)
+            if not self._receive():
+                raise PolicyError(f"the connection closed in {what}")
+
+    def exactly(self, count, what):
+        while len(self.buffer) < count:
+            if not self._receive():
+                raise PolicyError(f"the connection closed in {what}")
+        piece, self.buffer = self.buffer[:count], self.buffer[count:]
+        return piece
+
+    def to_the_end(self, cap, what):
+        while len(self.buffer) <= cap:
+            if not self._receive():
+                return self.buffer
+        raise PolicyError(f"{what} longer than {cap} octets")
 
 
-def _read_capped(response, deadline):
-    """The body, at most MAX_POLICY_OCTETS, whole before `deadline`."""
-    body = io.BytesIO()
+def _head(reader):
+    """(status, reason, headers) of the response (RFC 9112 4, 5)."""
+    head = reader.until(HEAD_END, MAX_HEAD_OCTETS, "the status line and headers")
+    status_line, _, header_lines = head.partition(b"\n")
+    found = STATUS_LINE.fullmatch(status_line.rstrip(b"\r"))
+    if not found:
+        raise PolicyError("not an HTTP/1 response: "
+                          f"{status_line[:80].decode('ascii', 'backslashreplace')}")
+    reason = found.group(2).decode("ascii", "backslashreplace")
+    return int(found.group(1)), reason, http.client.parse_headers(io.BytesIO(header_lines))
+
+
+def _body(reader, headers):
+    """The policy, at most MAX_POLICY_OCTETS: chunked, Content-Length long, or up to the
+    end of the connection (RFC 9112 6.3)."""
+    coding = headers.get("Transfer-Encoding")
+    if coding is not None:
+        if coding.strip().lower() != CHUNKED:
+            raise PolicyError(f"transfer coding {coding.strip()!r} is not supported")
+        return _chunked_body(reader)
+    length = headers.get("Content-Length")
+    if length is None:
+        return reader.to_the_end(MAX_POLICY_OCTETS, "the policy")
+    length = length.strip()
+    if not (length.isascii() and length.isdigit()):
+        raise PolicyError(f"Content-Length {length[:20]!r} is not a number")
+    if len(length) > len(str(MAX_POLICY_OCTETS)) or int(length) > MAX_POLICY_OCTETS:
+        raise PolicyError(f"the policy is longer than {MAX_POLICY_OCTETS} octets")
+    return reader.exactly(int(length), "the policy")
+
+
+def _chunked_body(reader):
+    """RFC 9112 7.1: chunk-size [extensions] CRLF, the data, CRLF; a chunk of size 0 ends
+    it (the trailers after it are not read: the connection is closed)."""
+    body = b""
     while True:
-        if time.monotonic() > deadline:
-            raise PolicyError(f"the policy did not arrive within {FETCH_DEADLINE}s")
-        piece = response.read1(READ_SIZE)
-        if not piece:
-            return body.getvalue()
-        body.write(piece)
-        if body.tell() > MAX_POLICY_OCTETS:
+        line = reader.until(LINE_END, MAX_CHUNK_LINE_OCTETS, "a chunk size line")
+        size_text = line.partition(b";")[0].strip()
+        if not CHUNK_SIZE.fullmatch(size_text):
+            raise PolicyError("chunk size "
+                              f"{size_text[:20].decode('ascii', 'backslashreplace')!r}")
+        size = int(size_text, 16)
+        if size == 0:
+            return body
+        if len(body) + size > MAX_POLICY_OCTETS:
             raise PolicyError(f"the policy is longer than {MAX_POLICY_OCTETS} octets")
+        body += reader.exactly(size, "a chunk")
+        if reader.exactly(len(CRLF), "a chunk") != CRLF:
+            raise PolicyError("a chunk not ended by CRLF")
 
 
 def _reason(error):

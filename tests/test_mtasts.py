@@ -2,6 +2,8 @@
 test CA: the TXT record, the fetch, the cache under the spool, and the policy text."""
 import json
 import os
+import socket
+import threading
 
 import pytest
 
@@ -133,6 +135,8 @@ def test_no_txt_record_means_no_policy_and_no_fetch(setup):
 
 @pytest.mark.parametrize("problem", [{"status": 404}, {"status": 301},
                                      {"content_type": "text/html"},
+                                     {"content_type": "html"},          # RFC 8461 3.2
+                                     {"content_type": "text/plain-ish"},
                                      {"body": "version: STSv1\r\nmode: enforce\r\n"},
                                      {"body": "x" * (mtasts.MAX_POLICY_OCTETS + 1)}])
 def test_a_policy_that_cannot_be_had_is_no_policy(setup, tmp_path, problem):
@@ -141,6 +145,12 @@ def test_a_policy_that_cannot_be_had_is_no_policy(setup, tmp_path, problem):
     assert len(world.server.requests) == 1
     assert "MTA-STS policy of remote.test not fetched" in log_text(tmp_path)
     assert not os.path.exists(os.path.join(world.spool, "mta-sts", "remote.test.json"))
+
+
+@pytest.mark.parametrize("content_type", ["text/plain; charset=utf-8", " Text/Plain "])
+def test_text_plain_with_parameters_or_in_capitals_is_text_plain(setup, content_type):
+    world = setup(content_type=content_type)
+    assert world.sts.policy_for("remote.test").mode == "enforce"
 
 
 def test_a_policy_host_with_a_certificate_no_ca_vouches_for_is_no_policy(setup, tmp_path,
@@ -155,6 +165,173 @@ def test_a_policy_host_certificate_for_another_name_is_no_policy(setup, tmp_path
     world = setup(cert=pki.leaf("mta-sts.other.test"))
     assert world.sts.policy_for("remote.test") is None
     assert "certificate not valid" in log_text(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------
+# The response as the policy host sends it, byte for byte
+
+
+class RawPolicyHost:
+    """A loopback HTTPS host that answers every request with `pieces` (bytes), `pause`
+    seconds apart, then closes; `requests` counts the requests it read."""
+
+    ACCEPT_POLL = 0.05
+    SOCKET_TIMEOUT = 5
+    MAX_REQUEST = 16 * 1024
+
+    def __init__(self, ip, context, pieces, pause=0.0):
+        self.listener = socket.create_server((ip, 0))
+        self.listener.settimeout(self.ACCEPT_POLL)
+        self.context = context
+        self.pieces = pieces
+        self.pause = pause
+        self.requests = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self):
+        return self.listener.getsockname()[1]
+
+    def _serve(self):
+        while not self.stopped.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return                                  # the listener was closed
+            try:
+                self._answer(sock)
+            except OSError:
+                pass                                    # the client went away
+            finally:
+                sock.close()
+
+    def _answer(self, sock):
+        sock.settimeout(self.SOCKET_TIMEOUT)
+        with self.context.wrap_socket(sock, server_side=True) as tls:
+            request = b""
+            while b"\r\n\r\n" not in request and len(request) < self.MAX_REQUEST:
+                data = tls.recv(4096)
+                if not data:
+                    return
+                request += data
+            self.requests += 1
+            for number, piece in enumerate(self.pieces):
+                if number and self.stopped.wait(self.pause):
+                    return
+                tls.sendall(piece)
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join(10)
+        self.listener.close()
+
+
+@pytest.fixture
+def raw_host(setup, pki, monkeypatch):
+    """make(pieces, pause) -> (Setup, RawPolicyHost), the MtaSts pointed at the raw host."""
+    hosts = []
+
+    def make(pieces, pause=0.0, world=None):
+        world = world or setup()
+        host = RawPolicyHost(POLICY_HOST_IP, server_context(*pki.leaf(POLICY_HOST)), pieces,
+                             pause)
+        hosts.append(host)
+        monkeypatch.setattr(mtasts, "HTTPS_PORT", host.port)
+        return world, host
+
+    yield make
+    for host in hosts:
+        host.stop()
+
+
+TEXT_PLAIN = b"Content-Type: text/plain\r\n"
+POLICY = ENFORCE_BODY.encode()
+
+
+def response(*headers, body=POLICY, status=b"HTTP/1.1 200 OK"):
+    return status + b"\r\n" + b"".join(headers) + b"\r\n" + body
+
+
+def chunked(body, size=16):
+    chunks = [body[at:at + size] for at in range(0, len(body), size)]
+    return b"".join(b"%x;name=value\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) \
+        + b"0\r\nTrailer: ignored\r\n\r\n"
+
+
+@pytest.mark.parametrize("pieces", [
+    [response(TEXT_PLAIN, b"Transfer-Encoding: chunked\r\n", body=chunked(POLICY))],
+    [response(TEXT_PLAIN, b"Transfer-Encoding: Chunked\r\n", body=b"")]        # piece by
+    + [bytes([octet]) for octet in chunked(POLICY, 7)],                        # piece
+    [response(TEXT_PLAIN)],                                                    # to the close
+    [b"HTTP/1.0 200 OK\nContent-Type: text/plain\nContent-Length: %d\n\n%s"     # bare LFs
+     % (len(POLICY), POLICY)],
+])
+def test_the_ways_a_body_may_come(raw_host, pieces):
+    world, host = raw_host(pieces)
+    policy = world.sts.policy_for("remote.test")
+    assert (policy.mode, policy.mx) == ("enforce", ("mx1.remote.test", "*.backup.remote.test"))
+    assert host.requests == 1
+
+
+@pytest.mark.parametrize("pieces, reason", [
+    ([response(b"Content-Length: %d\r\n" % len(POLICY))], "media type missing, not text/plain"),
+    ([response(b"Content-Type: html\r\n")], "media type html, not text/plain"),
+    ([response(TEXT_PLAIN, b"Transfer-Encoding: gzip, chunked\r\n", body=chunked(POLICY))],
+     "transfer coding 'gzip, chunked' is not supported"),
+    ([response(TEXT_PLAIN, b"Transfer-Encoding: chunked\r\n", body=b"zz\r\n")],
+     "chunk size 'zz'"),
+    ([response(TEXT_PLAIN, b"Transfer-Encoding: chunked\r\n",
+               body=b"10000\r\n" + b"x" * 65536 + b"\r\n1\r\nx\r\n0\r\n\r\n")],
+     f"the policy is longer than {mtasts.MAX_POLICY_OCTETS} octets"),
+    ([response(TEXT_PLAIN, b"Content-Length: 999999999999\r\n")],
+     f"the policy is longer than {mtasts.MAX_POLICY_OCTETS} octets"),
+    ([response(TEXT_PLAIN, b"Content-Length: %d\r\n" % (len(POLICY) + 1))],
+     "the connection closed in the policy"),
+    ([response(TEXT_PLAIN, b"X-Padding: " + b"x" * mtasts.MAX_HEAD_OCTETS + b"\r\n")],
+     f"the status line and headers longer than {mtasts.MAX_HEAD_OCTETS} octets"),
+    ([b"SSH-2.0-OpenSSH_9.6\r\n\r\n"], "not an HTTP/1 response: SSH-2.0-OpenSSH_9.6"),
+])
+def test_a_response_that_is_not_a_policy_is_no_policy(raw_host, tmp_path, pieces, reason):
+    world, host = raw_host(pieces)
+    assert world.sts.policy_for("remote.test") is None
+    assert f"MTA-STS policy of remote.test not fetched: {reason}" in log_text(tmp_path)
+    assert host.requests == 1
+
+
+DRIBBLE_PAUSE = 0.05            # well within a read's timeout (2 s in Setup)
+DRIBBLES = 100                  # 5 s of them: far past the deadline below
+
+
+@pytest.mark.parametrize("dribbled", ["headers", "body"])
+def test_a_host_that_dribbles_is_cut_off_at_the_fetch_deadline(raw_host, setup, tmp_path,
+                                                               monkeypatch, dribbled):
+    """RFC 8461 3.3: the fetch is over within its deadline whatever part of the response is
+    slow; had it waited, the host would have delivered a new, valid policy in the end."""
+    world = setup()
+    world.sts.policy_for("remote.test")                         # id 20261202, cached
+    world.dns.records["_mta-sts.remote.test"] = [("TXT", '"v=STSv1; id=20261203"')]
+    new = policy_text("testing", ["mx1.remote.test"]).encode()
+    head = b"HTTP/1.1 200 OK\r\n" + TEXT_PLAIN
+    if dribbled == "headers":
+        pieces = [head, *[b"X"] * DRIBBLES, b": y\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(new), new)]
+    else:
+        padded = new + b" " * DRIBBLES
+        pieces = [head + b"Content-Length: %d\r\n\r\n" % len(padded),
+                  *[bytes([octet]) for octet in padded]]
+    monkeypatch.setattr(mtasts, "FETCH_DEADLINE", 1)            # stands for the minute
+    _, host = raw_host(pieces, pause=DRIBBLE_PAUSE, world=world)
+    policy = world.sts.policy_for("remote.test")
+    assert (policy.id, policy.mode) == ("20261202", "enforce")
+    assert host.requests == 1
+    assert "MTA-STS policy of remote.test not fetched: no complete answer within 1s " \
+           "(RFC 8461 3.3); the cached policy (id 20261202, mode enforce) stays in force" \
+           in log_text(tmp_path)
+    assert world.sts.cache.load("remote.test").id == "20261202"
 
 
 def test_a_dns_failure_keeps_the_cached_policy(setup):
@@ -203,6 +380,11 @@ class _Txt:
     ([_Txt("v=STSv1")], None),                                # no id
     ([_Txt("v=STSv1; id=not-alnum")], None),
     ([_Txt("v=STSv1; id=" + "a" * 33)], None),                # at most 32
+    ([_Txt("v=STSv1 ; id=20261202")], "20261202"),            # RFC 8461 3.1: *WSP ";"
+    ([_Txt("v=STSv1\t;\tid=abc ;")], "abc"),                   # *WSP, a trailing delimiter
+    ([_Txt("v=STSv1;id=abc;ext_1=x")], "abc"),                # an extension
+    ([_Txt("v=STSv10; id=abc")], None),                       # another version
+    ([_Txt("v=STSv1 ; id=a"), _Txt("v=STSv1; id=b")], None),  # still two
     ([], None),
 ])
 def test_the_txt_record(records, expected):

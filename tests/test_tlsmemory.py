@@ -46,12 +46,98 @@ def test_plain_is_remembered_too_and_survives_a_new_reader(memory, tmp_path):
                                tlsmemory.Entry("remote.test", VERIFIED, 2.0)]
 
 
-@pytest.mark.parametrize("content", ["not json", '{"remote.test": {"level": "best"}}',
-                                     '["a list"]', '{"remote.test": {"level": "tls"}}'])
-def test_a_damaged_file_is_an_empty_memory_and_says_so(memory, tmp_path, content):
-    (tmp_path / "spool" / "tls-domains.json").write_text(content)
-    assert memory.level("remote.test") == PLAIN
-    assert "tls-domains.json" in memory.problem
+DAMAGED = ["not json", '{"remote.test": {"level": "best", "since": 1}}', '["a list"]',
+           '{"remote.test": {"level": "tls"}}', '{"remote.test": "tls"}', "\udcff"]
+
+
+def memory_file(tmp_path):
+    return tmp_path / "spool" / "tls-domains.json"
+
+
+def set_aside(tmp_path):
+    return sorted((tmp_path / "spool").glob("tls-domains.json.damaged-*"))
+
+
+@pytest.fixture
+def logged_memory(tmp_path):
+    """A TlsMemory with the log, and a clock the test moves (`clock.now`)."""
+    (tmp_path / "spool").mkdir()
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+    memory = TlsMemory(str(tmp_path / "spool"), make_log(tmp_path), clock=clock)
+    memory.clock = clock
+    return memory
+
+
+@pytest.mark.parametrize("content", DAMAGED)
+def test_a_damaged_file_is_moved_aside_and_a_fresh_memory_starts(logged_memory, tmp_path,
+                                                                 content):
+    damaged = content.encode("utf-8", "surrogateescape")
+    memory_file(tmp_path).write_bytes(damaged)
+    assert logged_memory.level("remote.test") == PLAIN
+    [aside] = set_aside(tmp_path)
+    assert aside.read_bytes() == damaged
+    assert not memory_file(tmp_path).exists()
+    assert f"moved aside to {aside}" in logged_memory.problem
+    log = log_text(tmp_path)
+    assert f"TLS memory {memory_file(tmp_path)} is damaged" in log
+    assert f"moved aside to {aside}; a fresh memory starts" in log
+
+
+def test_a_damaged_file_is_never_overwritten_by_the_next_rise(tmp_path):
+    """The review's case: a truncated file, then any delivery over TLS to any domain."""
+    (tmp_path / "spool").mkdir()
+    memory = TlsMemory(str(tmp_path / "spool"))             # no log: `problem` says it
+    memory.record("bank.test", VERIFIED, now=1.0)
+    memory.record("shop.test", VERIFIED, now=2.0)
+    truncated = memory_file(tmp_path).read_bytes()[:-3]
+    memory_file(tmp_path).write_bytes(truncated)
+    assert memory.record("other.test", TLS, now=3.0)
+    [aside] = set_aside(tmp_path)
+    assert aside.read_bytes() == truncated                  # bank.test and shop.test are in it
+    assert stored(tmp_path) == {"other.test": {"level": "tls", "since": 3.0}}
+
+
+def test_a_second_damage_does_not_replace_the_first_copy(memory, tmp_path):
+    memory_file(tmp_path).write_text("first")
+    memory.entries()
+    memory_file(tmp_path).write_text("second")
+    memory.entries()
+    assert sorted(path.read_text() for path in set_aside(tmp_path)) == ["first", "second"]
+
+
+def test_an_unreadable_file_is_kept_and_every_decision_without_it_is_an_error(logged_memory,
+                                                                            tmp_path):
+    memory_file(tmp_path).mkdir()           # open() fails as for a file root cannot read
+    assert logged_memory.level("remote.test") == PLAIN
+    assert not logged_memory.record("remote.test", VERIFIED)
+    assert logged_memory.entries() == []
+    assert memory_file(tmp_path).is_dir() and set_aside(tmp_path) == []
+    assert "tls-domains.json" in logged_memory.problem
+
+    def errors():
+        return log_text(tmp_path).count("TLS memory cannot be read")
+
+    assert errors() == 1                    # three decisions within the minute: one ERROR
+    logged_memory.clock.now += tlsmemory.REPORT_INTERVAL
+    logged_memory.level("remote.test")
+    assert errors() == 2
+    assert f"({memory_file(tmp_path)}: [Errno 21] Is a directory: " in log_text(tmp_path)
+
+
+def test_the_memory_is_written_again_once_the_file_can_be_read(logged_memory, tmp_path):
+    memory_file(tmp_path).mkdir()
+    assert not logged_memory.record("remote.test", TLS)
+    memory_file(tmp_path).rmdir()
+    assert logged_memory.record("remote.test", TLS, now=5.0)
+    assert stored(tmp_path) == {"remote.test": {"level": "tls", "since": 5.0}}
+    assert logged_memory.problem == ""
 
 
 # ---------------------------------------------------------------------------------------
