@@ -5,7 +5,9 @@ due recipients are grouped by domain and each group is one job for a worker thre
 transaction per domain (RFC 5321 4.5.4). Every outcome is applied to the message's
 `DeliveryRecord` and the record saved atomically beside the spool file (spool.write_state)
 at once, so a crash at any moment neither loses a message nor sends it twice to a recipient
-who already answered. When the pass is over, the notices owed (failed, relayed, delayed:
+who already answered (when the outcome leaves nothing to do, the spool file is removed
+instead, as durably). The workers share a connections.ConnectionCache: a connection to a
+next hop stays open for a few seconds for the next message of the same domain. When the pass is over, the notices owed (failed, relayed, delayed:
 RFC 3461) are built and submitted, one DSN per action, and the message is removed once
 nothing is pending and no notice is owed.
 
@@ -20,6 +22,7 @@ from typing import NamedTuple, Optional
 
 import dsn
 from bounce import Bouncer, Notice
+from connections import ConnectionCache
 from delivery import (DEFAULT_POLICY, DeliveryRecord, Outcome, RecordError, RetryPolicy,
                       Status, describe, duration)
 from relay import Transaction
@@ -44,6 +47,7 @@ class Attempt:
         self.forced = forced            # a flush: the notices owed are due too
         self.jobs_left = jobs
         self.unsaved = False            # the record changed but could not be saved
+        self.removed = False            # finished, and its files are gone from the spool
         self.lock = threading.Lock()
 
     @property
@@ -68,6 +72,7 @@ class QueueRunner:
         # mail goes unsigned)
         self.tls = TlsPolicy.for_config(config, self.resolver, log)
         self.signer = signer
+        self.connections = ConnectionCache(log)     # sessions kept open between messages
         self.bouncer = Bouncer(config.hostname, router, self._submit_notice, log)
         self._submit = submit
         self.events = None                  # events.Hub of the web view (watch), or None
@@ -112,6 +117,7 @@ class QueueRunner:
         deadline = time.monotonic() + grace
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.connections.close()
 
     def watch(self, hub):
         """Tell `hub` (events.Hub, the web view) of every change from now on."""
@@ -258,7 +264,8 @@ class QueueRunner:
 
         try:
             Transaction(self.config, self.resolver, self.log, attempt.message, domain,
-                        recipients, report, tls=self.tls, signer=self.signer).run()
+                        recipients, report, tls=self.tls, signer=self.signer,
+                        connections=self.connections).run()
         except Exception:
             self.log.error("%s delivery to %s failed unexpectedly; trying again later",
                            attempt.tag, domain, exc_info=True)
@@ -294,7 +301,16 @@ class QueueRunner:
 
     def _save(self, attempt):
         """Write the record; called with the attempt's lock held. A failure is logged and
-        the write tried again at the end of the pass (the live copy stays right)."""
+        the write tried again at the end of the pass (the live copy stays right). A record
+        with nothing left to do is not written: the spool file is removed instead, which
+        as durably means that no recipient is asked again (and costs one fsync, not three)."""
+        if attempt.record.finished:
+            try:
+                if self._remove_files(attempt):
+                    return
+            except Exception:               # the record is written instead, as ever
+                self.log.error("%s cannot remove the finished message", attempt.tag,
+                               exc_info=True)
         try:
             self.spool.write_state(attempt.name, attempt.record.to_json())
             attempt.unsaved = False
@@ -363,11 +379,22 @@ class QueueRunner:
                                   state.remote, state.last_attempt or None, retry_until)
                 for key, state in owed.items()]
 
-    def _remove(self, attempt):
+    def _remove_files(self, attempt):
+        """The spool file and its record, unlinked durably; True when done (now or
+        before). Called with the attempt's lock held."""
+        if attempt.removed:
+            return True
         try:
             self.spool.remove(attempt.name)
         except OSError as error:
+            attempt.unsaved = True
             self.log.error("%s cannot remove the finished message: %s", attempt.tag, error)
+            return False
+        attempt.removed, attempt.unsaved = True, False
+        return True
+
+    def _remove(self, attempt):
+        if not self._remove_files(attempt):
             self.schedule.finish(attempt.name, time.time() + self.policy.delays[0])
             return
         self.log.info("%s finished; removed from the queue", attempt.tag)

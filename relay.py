@@ -26,18 +26,28 @@ domain is signed as it goes: the DKIM-Signature header goes before the text (DAT
 start of the first chunk (BDAT). The spool does not record AUTH (a session parameter), so
 the reverse-path domain is the only rule for what is ours to sign.
 
+With a `connections` cache (connections.py), the connection is kept after a transaction
+that reached the reply to its text, for the next message of the same domain through the same
+hop; it is reused with RSET first (RFC 5321 4.1.1.5), and one that does not answer it is
+replaced by a new connection (nothing of the message went over it). To a host offering
+PIPELINING, (RSET,) MAIL and every RCPT go in one write (RFC 2920 3.1); DATA follows only
+once a recipient was accepted.
+
 The connection itself (replies bounded in lines, octets and time) is smtpclient.py.
 
     Transaction(config, resolver, log, message, domain, recipients, report,
-                tls=TlsPolicy.for_config(...), signer=Signer(...)).run()
+                tls=TlsPolicy.for_config(...), signer=Signer(...),
+                connections=ConnectionCache(log)).run()
 """
 import dataclasses
 import ssl
+import time
 
 import dsn
 import spool
 import tlspolicy
 from delivery import Outcome, Status
+from connections import CachedSession, CacheKey
 from resolver import DeliveryError
 from smtpclient import MAX_REPLY_LINES, Response, SmtpClient
 from tlsmemory import PLAIN, TLS, VERIFIED
@@ -83,6 +93,11 @@ class Unsuitable(TryNextHost):
     def __init__(self, reply, hop):
         super().__init__(reply, permanent=True)
         self.hop = hop
+
+
+class StaleConnection(TryNextHost):
+    """A cached connection did not answer the RSET before a transaction: the remote closed
+    it or timed out. Nothing of the message went over it; a new connection is made."""
 
 
 class SessionBroken(DeliveryError):
@@ -149,7 +164,7 @@ class Transaction:
     known; every recipient gets exactly one."""
 
     def __init__(self, config, resolver, log, message, domain, recipients, report, tls=None,
-                 signer=None):
+                 signer=None, connections=None):
         self.config = config
         self.resolver = resolver
         self.log = log
@@ -164,6 +179,8 @@ class Transaction:
         self.signer = signer
         self._signature = None          # the DKIM-Signature header, once made (b"": none)
         self.rules = None               # tlspolicy.DomainTls, once run() looked it up
+        self.connections = connections  # connections.ConnectionCache, or None: QUIT each
+        self._reset_first = False       # RSET goes out with MAIL (a cached connection)
 
     def run(self):
         try:
@@ -247,14 +264,34 @@ class Transaction:
         return lower
 
     def _deliver_once(self, hop, level):
+        """One connection to `hop`: an idle one from the cache, else a new one."""
+        key = CacheKey(self.domain, hop, level)
+        session = self._cached(key, hop)
+        if session is not None:
+            try:
+                self._converse(session.client, key, hop, level, session)
+                return
+            except StaleConnection as error:
+                self.log.info("%s the cached connection to %s is gone (%s); connecting again",
+                              self.tag, hop, error.reply)
+        self._reset_first = False
         try:
             client = SmtpClient(hop, self.config, self.log, self.tag)
         except OSError as error:
             raise TryNextHost(f"451 4.4.1 cannot connect to {hop}: {error}") from None
+        self._converse(client, key, hop, level)
+
+    def _converse(self, client, key, hop, level, session=None):
+        """The transaction on `client` (greeting, EHLO and TLS first unless `session` says
+        what they gave); the connection goes back to the cache when it can be reused."""
+        kept = False
         try:
-            extensions = self._open(client, hop)
-            extensions, reached = self._secure(client, extensions, hop, level)
-            self._transact(client, extensions, hop, reached)
+            if session is None:
+                opened = time.monotonic()
+                extensions = self._open(client, hop)
+                extensions, reached = self._secure(client, extensions, hop, level)
+                session = CachedSession(client, extensions, reached, opened)
+            kept = self._transact(client, session.extensions, hop, session.reached)
         except (TryNextHost, SessionBroken):
             raise
         except DeliveryError as error:              # before MAIL: another host may do
@@ -262,7 +299,43 @@ class Transaction:
         except OSError as error:
             raise TryNextHost(f"451 4.4.2 connection to {hop} failed: {error}") from None
         finally:
-            client.close()
+            if not kept:
+                client.close()
+        if kept:
+            self.connections.give_back(key, session)
+
+    def _cached(self, key, hop):
+        """An idle connection of the cache for `key`, or None. RFC 5321 4.1.1.5: RSET
+        first, alone or (PIPELINING) with MAIL; one that fails there is one the remote
+        closed or timed out: nothing of this message went over it, and a new connection is
+        made instead."""
+        session = self.connections.take(key) if self.connections is not None else None
+        if session is None:
+            return None
+        client = session.client
+        client.for_message(self.tag, hop)
+        self._trace(f"reusing the open connection to {hop}: RSET first (RFC 5321 4.1.1.5)")
+        refusal = self.rules.shortfall(hop, session.reached)
+        if refusal:
+            answer = None
+        elif "PIPELINING" in session.extensions:
+            self._reset_first = True        # RFC 2920 3.1: RSET and MAIL in one write
+            return session
+        else:
+            answer = self._reset(client)
+            if answer.code == 250:
+                return session
+        client.close()
+        self.log.info("%s the cached connection to %s is not usable (%s); connecting again",
+                      self.tag, hop, refusal or answer.text)
+        return None
+
+    @staticmethod
+    def _reset(client):
+        try:
+            return client.command("RSET")
+        except (DeliveryError, OSError) as error:
+            return Response(0, (str(getattr(error, "reply", "") or error),))
 
     def _open(self, client, hop):
         """Greeting and EHLO (HELO if EHLO is refused). Any failure here: the next host."""
@@ -400,6 +473,7 @@ class Transaction:
         return self._signature
 
     def _transact(self, client, extensions, hop, reached=PLAIN):
+        """One transaction; True when the connection may be kept for another."""
         refusal = self._unsuitable(extensions, hop)
         if refusal:
             self._quit(client)
@@ -408,20 +482,77 @@ class Transaction:
         if refusal:
             self._report_rest(Status.FAILED, refusal, hop)
             self._quit(client)
-            return
+            return False
+        if "PIPELINING" in extensions:
+            return self._transact_pipelined(client, extensions, hop, reached)
         answer = client.command(self._mail_line(extensions))
         if answer.code != 250:
             self._report_rest(_refusal(answer), answer.text, hop)
             self._quit(client)
-            return
+            return False
         try:
             accepted = self._recipients(client, extensions, hop)
             if accepted:
                 self._send(client, accepted, extensions, hop, reached)
         except (DeliveryError, OSError) as error:
-            reply = getattr(error, "reply", "") or f"451 4.4.2 connection to {hop} failed: {error}"
-            raise SessionBroken(reply) from None
-        self._quit(client)
+            raise SessionBroken(_broken(error, hop)) from None
+        return self._end(client, reusable=bool(accepted))
+
+    def _transact_pipelined(self, client, extensions, hop, reached):
+        """RFC 2920 3.1: (RSET on a cached connection,) MAIL and every RCPT in one write,
+        then their replies in order; DATA (or BDAT) only when a recipient was accepted, so
+        a remote never waits for a text that will not come."""
+        lines = ["RSET"] if self._reset_first else []
+        lines += [self._mail_line(extensions)]
+        lines += [self._rcpt_line(recipient, extensions) for recipient in self.recipients]
+        if self._reset_first:
+            self._reset_first = False
+            self._expect_reset(client, lines)
+        else:
+            client.send_lines(lines)
+        answer = client.reply(self.config.command_timeout)
+        if answer.code != 250:
+            self._report_rest(_refusal(answer), answer.text, hop)
+            read = self._read_replies(client, len(self.recipients))
+            return self._end(client, reusable=False, broken=not read)
+        try:
+            accepted = self._recipients(client, extensions, hop, pipelined=True)
+            if accepted:
+                self._send(client, accepted, extensions, hop, reached)
+        except (DeliveryError, OSError) as error:
+            raise SessionBroken(_broken(error, hop)) from None
+        return self._end(client, reusable=bool(accepted))
+
+    def _read_replies(self, client, count):
+        """Read (and drop) `count` replies; False when the connection failed meanwhile."""
+        try:
+            for _ in range(count):
+                client.reply(self.config.command_timeout)
+        except (DeliveryError, OSError):
+            return False
+        return True
+
+    def _expect_reset(self, client, lines):
+        """Send `lines` (RSET first) on a reused connection and read the reply to RSET: a
+        connection that fails here or does not answer 250 is stale (closed by the remote,
+        timed out)."""
+        try:
+            client.send_lines(lines)
+            reset = client.reply(self.config.command_timeout)
+        except (DeliveryError, OSError) as error:
+            raise StaleConnection(str(getattr(error, "reply", "") or error)) from None
+        if reset.code != 250:
+            raise StaleConnection(reset.text)
+
+    def _end(self, client, reusable, broken=False):
+        """After the transaction: True to keep the connection for the next message (the
+        reply to the text ended the transaction, RFC 5321 4.1.1.4), else QUIT (a broken
+        connection is only closed)."""
+        if reusable and self.connections is not None:
+            return True
+        if not broken:
+            self._quit(client)
+        return False
 
     def _mail_line(self, extensions):
         envelope = self.message.envelope
@@ -448,12 +579,14 @@ class Transaction:
             self._trace(f"{command}: {keyword} left out: the next hop does not offer "
                         f"{extension}" + (f"; {why}" if why else " (RFC 5321 2.2.1)"))
 
-    def _recipients(self, client, extensions, hop):
-        """RCPT for each; the refused are reported before DATA. Returns the accepted."""
+    def _recipients(self, client, extensions, hop, pipelined=False):
+        """RCPT for each (or, `pipelined`, the replies to those already sent); the refused
+        are reported before DATA. Returns the accepted."""
         accepted, refused = [], {}
         try:
             for recipient in self.recipients:
-                answer = client.command(self._rcpt_line(recipient, extensions))
+                answer = client.reply(self.config.command_timeout) if pipelined else \
+                    client.command(self._rcpt_line(recipient, extensions))
                 if answer.status is Status.DONE:
                     accepted.append(recipient)
                 else:
@@ -463,9 +596,12 @@ class Transaction:
             self._report(refused)
         return accepted
 
+    def _chunked(self, extensions):
+        return "CHUNKING" in extensions and self.config.relay_chunking
+
     def _send(self, client, accepted, extensions, hop, reached):
         """The text, with DATA or BDAT; every accepted recipient gets the one outcome."""
-        if "CHUNKING" in extensions and self.config.relay_chunking:
+        if self._chunked(extensions):
             self._trace(f"{hop} offers CHUNKING: the text goes unstuffed with BDAT, in "
                         f"chunks of at most {BDAT_CHUNK} octets (RFC 3030 2)")
             answer = self._bdat(client)
@@ -505,6 +641,11 @@ class Transaction:
             client.command("QUIT")
         except (DeliveryError, OSError):
             pass
+
+
+def _broken(error, hop):
+    """The reply for the recipients left when the session broke after MAIL."""
+    return getattr(error, "reply", "") or f"451 4.4.2 connection to {hop} failed: {error}"
 
 
 def _refusal(answer):

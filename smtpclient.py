@@ -79,6 +79,13 @@ class SmtpClient:
         self.verified = False           # TLS with a certificate checked for the host name
         self.sock = socket.create_connection((hop.ip, hop.port),
                                              timeout=config.connect_timeout)
+        # Each command waits for its reply, so Nagle's algorithm only holds back the last
+        # piece of a write (the final dot after the text) until the remote's delayed ACK
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def for_message(self, tag, hop):
+        """Log under another message's tag (a cached connection, reused)."""
+        self.tag = f"{tag} {hop}"
 
     def close(self):
         try:
@@ -106,19 +113,33 @@ class SmtpClient:
         self.sock.sendall(line.encode("utf-8") + b"\r\n")
         return self.reply(timeout or self.config.command_timeout)
 
+    def send_lines(self, lines):
+        """RFC 2920 3.1: several commands in one write; the caller reads their replies
+        with `reply`, one for each, in order."""
+        for line in lines:
+            self.log.info("%s -> %s", self.tag, line)
+        self.sock.settimeout(self.config.command_timeout)
+        self.sock.sendall("".join(line + "\r\n" for line in lines).encode("utf-8"))
+
     def send_text(self, message, prefix=b""):
         """`prefix` (header lines made for this delivery: no line of it starts with ".")
         and the dot-stuffed text from the spool file, piece by piece, then the final dot
         (RFC 5321 4.1.1.4). Returns the reply to the dot."""
         self.log.info("%s -> (message text, %d octets)", self.tag,
                       len(prefix) + message.text_size)
-        self.sock.settimeout(self.config.command_timeout)           # RFC 5321 4.5.3.2.5
-        self.sock.sendall(prefix)
+        # One piece is held back so that the prefix goes with the first and the final dot
+        # with the last: a small message is one write (and one segment)
+        held, first = prefix, True
         for chunk in message.text_chunks():
-            self.sock.settimeout(self.config.command_timeout)
-            self.sock.sendall(chunk)
+            if first:
+                held, first = held + chunk, False
+                continue
+            self.sock.settimeout(self.config.command_timeout)       # RFC 5321 4.5.3.2.5
+            self.sock.sendall(held)
+            held = chunk
         self.log.info("%s -> .", self.tag)
-        self.sock.sendall(b".\r\n")
+        self.sock.settimeout(self.config.command_timeout)
+        self.sock.sendall(held + b".\r\n")
         return self.reply(self.config.relay_data_timeout)           # RFC 5321 4.5.3.2.6
 
     def send_chunk(self, chunk, last):
@@ -127,8 +148,7 @@ class SmtpClient:
         line = f"BDAT {len(chunk)}{' LAST' if last else ''}"
         self.log.info("%s -> %s", self.tag, line)
         self.sock.settimeout(self.config.command_timeout)
-        self.sock.sendall(line.encode("ascii") + b"\r\n")
-        self.sock.sendall(chunk)
+        self.sock.sendall(line.encode("ascii") + b"\r\n" + chunk)
         return self.reply(self.config.relay_data_timeout if last
                           else self.config.command_timeout)
 
@@ -173,4 +193,6 @@ def printable(data):
     """Remote bytes as ASCII text for the log, the record and a DSN (never raw control
     characters or 8-bit bytes)."""
     text = data.decode("ascii", "backslashreplace")
+    if text.isprintable():
+        return text
     return "".join(char if char.isprintable() else f"\\x{ord(char):02x}" for char in text)

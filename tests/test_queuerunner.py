@@ -303,13 +303,27 @@ def test_after_a_restart_a_recipient_done_is_not_sent_again(world, spool, start_
 
 def test_done_is_saved_before_quit(world, spool, start_runner):
     world.resolve(ONE_MX)
-    mx = world.mx("127.0.0.2", hang_on_quit=True)
-    name = write_spool(spool, [BOB])
+    mx = world.mx("127.0.0.2", hang_on_quit=True, rcpt=["250 2.1.5 ok", "450 4.2.0 busy"])
+    name = write_spool(spool, [BOB, CAROL])
     start_runner(**{"relay.command_timeout": "1"})
     assert mx.wait_for_quit()
     # QUIT is out and unanswered: the transaction is not over, yet the record says done
     assert state_of(spool, name, BOB)["status"] == "done"
+    assert state_of(spool, name, CAROL)["status"] == "pending"
     assert spool.names() == [name]
+
+
+def test_a_message_done_leaves_the_spool_before_quit(world, spool, start_runner):
+    """Nothing left to do: the spool file is removed (durably) instead of a record written,
+    and that too comes before QUIT."""
+    world.resolve(ONE_MX)
+    mx = world.mx("127.0.0.2", hang_on_quit=True)
+    name = write_spool(spool, [BOB])
+    start_runner(**{"relay.command_timeout": "1"})
+    assert mx.wait_for_quit()
+    assert mx.messages[0][1] == [BOB]
+    assert spool.names() == []
+    assert not os.path.exists(spool.state_path(name))
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,18 +465,20 @@ def test_a_failure_at_the_end_of_a_pass_is_retried_not_stuck(world, spool, start
     real_remove = Spool.remove
     failures = []
 
-    def remove_fails_once(self, name):
-        if not failures:
+    def remove_fails_twice(self, name):
+        # once as the last outcome is recorded (the record is saved instead), once at the
+        # end of the pass
+        if len(failures) < 2:
             failures.append(name)
             raise RuntimeError("a bug while removing")
         return real_remove(self, name)
 
-    monkeypatch.setattr(Spool, "remove", remove_fails_once)
+    monkeypatch.setattr(Spool, "remove", remove_fails_twice)
     name = write_spool(spool, [BOB])
     runner = start_runner()
     assert mx.wait_for(1)
     settle(runner, later=1.5)                   # due again after the first retry delay
-    assert failures == [name] and spool.names() == []
+    assert failures == [name, name] and spool.names() == []
     assert len(mx.messages) == 1 and mx.sessions == 1
     assert "the end of a delivery attempt failed" in log_text(tmp_path)
 
@@ -507,8 +523,8 @@ def test_notify_never_fails_without_a_bounce(world, spool, start_runner, monkeyp
     write_spool(spool, [(BOB, {"NOTIFY": "NEVER"})])
     settle(start_runner(submit))
     assert submit.calls == 0 and spool.names() == []
-    assert records_at_removal[0]["recipients"][BOB]["status"] == "failed"
-    assert records_at_removal[0]["recipients"][BOB]["notices"] == {}
+    # failed, no notice owed: nothing left to do, so it left the queue with no record written
+    assert records_at_removal == [None]
     assert "not bounced: its NOTIFY does not ask for failures (RFC 3461 4.1)" in \
         log_text(tmp_path)
 
