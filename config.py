@@ -115,7 +115,7 @@ class Config:
     relay_tls: str              # yes (opportunistic), no, require
     relay_chunking: bool        # BDAT to a next hop that offers CHUNKING (RFC 3030)
     relay_ca_file: str          # CA certificates for MTA-STS checks; "": the system's
-    mta_sts: bool               # honour MTA-STS policies (RFC 8461) and remember TLS
+    mta_sts: bool               # honour MTA-STS policies (RFC 8461)
     delay_warning: float        # seconds in the queue before a "delayed" DSN; 0: never
     tls_cert: str
     tls_key: str

@@ -15,16 +15,18 @@ is tried, and when every host was reached and none offers it, the recipients fai
 5.6.3). 8-bit text is never converted to quoted-printable: a conversion would change a
 message that may be signed (DKIM), and a bounce says plainly what happened.
 
-TLS (tlspolicy.py): with `[relay] mta_sts = yes` the domain's MTA-STS policy (RFC 8461) and
-the TLS memory (tlsmemory.py) say how much a connection must reach. STARTTLS is tried first
+TLS (tlspolicy.py): the TLS memory (tlsmemory.py) and, with `[relay] mta_sts = yes`, the
+domain's MTA-STS policy (RFC 8461) say how much a connection must reach. STARTTLS is tried first
 with the certificate checked for the MX name; when it does not check out, with unchecked TLS
 on a new connection; when TLS does not work, in clear text on another: each step only while
 the policy and the memory allow it, else that host fails with a 4xx and the next is tried.
 
 DKIM (RFC 6376): with a `signer` (dkimsign.Signer), mail whose reverse-path domain is a local
 domain is signed as it goes: the DKIM-Signature header goes before the text (DATA) or at the
-start of the first chunk (BDAT). The spool does not record AUTH (a session parameter), so
-the reverse-path domain is the only rule for what is ours to sign.
+start of the first chunk (BDAT). Only clients in [relay] networks and after AUTH may send
+mail of a local domain to another one, so that is ours to sign; a forward is not (anyone
+may write to an alias, and a forged From: of ours must not leave with our signature): it
+leaves with an SRS reverse path, or, when that would not fit, with our Delivered-To first.
 
 With a `connections` cache (connections.py), the connection is kept after a transaction
 that reached the reply to its text, for the next message of the same domain through the same
@@ -41,9 +43,11 @@ The connection itself (replies bounded in lines, octets and time) is smtpclient.
 """
 import dataclasses
 import ssl
+import threading
 import time
 
 import dsn
+import forwarding
 import spool
 import tlspolicy
 from delivery import Outcome, Status
@@ -52,6 +56,10 @@ from resolver import DeliveryError
 from smtpclient import MAX_REPLY_LINES, Response, SmtpClient
 from tlsmemory import PLAIN, TLS, VERIFIED
 __all__ = ["Transaction", "SmtpClient", "Response", "MAX_REPLY_LINES", "BDAT_CHUNK"]
+# A forward's spool text begins with the Delivered-To: of its alias (storage.Draft)
+FORWARD_MARK = b"delivered-to:"
+# Texts held whole for signing at once: dkimpy needs about 4.6 times a text's size
+SIGNING = threading.BoundedSemaphore(2)
 BDAT_CHUNK = spool.TEXT_CHUNK   # octets of text read, unstuffed and sent per BDAT (64 KiB)
 
 # RFC 5321 2.2.1: a parameter is sent only to a server that advertised the extension which
@@ -465,9 +473,10 @@ class Transaction:
         if self._signature is None:
             self._signature = b""
             domain = self.message.envelope.reverse_path.domain
-            if self.signer is not None and domain in self.config.local_domains:
-                text = b"".join(spool.unstuffed(self.message.text_chunks()))   # RFC 5321 4.5.2
-                self._signature = self.signer.sign(text, domain)
+            if self.signer is not None and _ours_to_sign(self.message, self.config.local_domains):
+                with SIGNING:
+                    text = b"".join(spool.unstuffed(self.message.text_chunks()))   # 4.5.2
+                    self._signature = self.signer.sign(text, domain)
                 self._trace(f"DKIM: {'signed' if self._signature else 'not signed'} for "
                             f"{domain} (RFC 6376 5)")
         return self._signature
@@ -646,6 +655,15 @@ class Transaction:
 def _broken(error, hop):
     """The reply for the recipients left when the session broke after MAIL."""
     return getattr(error, "reply", "") or f"451 4.4.2 connection to {hop} failed: {error}"
+
+
+def _ours_to_sign(message, local_domains):
+    """Mail of a local domain that is not a forward (see the module's docstring)."""
+    reverse_path = message.envelope.reverse_path
+    if reverse_path.domain not in local_domains or \
+            reverse_path.local_part.startswith(forwarding.PREFIX):
+        return False
+    return not message.read_text(len(FORWARD_MARK)).lower().startswith(FORWARD_MARK)
 
 
 def _refusal(answer):

@@ -14,8 +14,8 @@ relay falls back to unchecked TLS on a new connection, and to clear text on anot
 TLS does not work at all, as long as `accepts` says that is still good enough.
 
 MTA-STS applies to MX hosts only (Hop.kind MX or IMPLICIT_MX), never to static routes or
-address literals; the TLS memory applies to every next hop of the domain. With
-`[relay] mta_sts = no` there is neither.
+address literals; the TLS memory applies to every next hop of the domain, and is kept
+whatever `[relay] mta_sts` says (that switches MTA-STS alone).
 """
 import ssl
 
@@ -45,11 +45,14 @@ class TlsPolicy:
 
     @classmethod
     def for_config(cls, config, resolver, log):
+        """The TLS memory always (turning MTA-STS off must not switch off what protects
+        every domain that ever took verified TLS); MTA-STS with [relay] mta_sts."""
+        memory = tlsmemory.TlsMemory(config.spool, log)
         if not config.mta_sts:
-            return cls(config, log)
+            return cls(config, log, None, memory)
         sts = mtasts.MtaSts(resolver, verifying_context(config.relay_ca_file), config.spool,
                             log, config.trace, timeout=config.connect_timeout)
-        return cls(config, log, sts, tlsmemory.TlsMemory(config.spool))
+        return cls(config, log, sts, memory)
 
     def for_domain(self, domain, tag=""):
         """The DomainTls of one transaction: the policy is looked up now (RFC 8461 5.1:
