@@ -117,7 +117,10 @@ def test_mail_refused_by_the_remote(world, relay, reply, status):
     assert {outcome.status for outcome in result.values()} == {status}
     assert result[CAROL].reply == reply
     assert result[CAROL].remote == f"127.0.0.2:{world.port}"
-    assert not [line for line in mx.commands if line.startswith(("RCPT", "DATA"))]
+    # RFC 2920 3.1: to a PIPELINING host the RCPTs went with MAIL; no text follows a refusal
+    assert [line for line in mx.commands if line.startswith("RCPT")] == [
+        "RCPT TO:<bob@remote.test>", "RCPT TO:<carol@remote.test>"]
+    assert not [line for line in mx.commands if line.startswith("DATA")]
     assert mx.sessions == 1                     # not another host: the transaction began
 
 
