@@ -8,23 +8,34 @@ scache(8) does).
     cache.give_back(key, session)       # only after a transaction ended cleanly
     cache.close()                       # on shutdown: QUIT to every idle session
 
+    why_not = reset(session)            # None: RSET answered (or goes with MAIL, below)
+    send_after_reset(client, ["RSET", "MAIL FROM:<...>", ...], timeout)   # PIPELINING
+
 A session is in the cache only while no worker uses it (`take` removes it), so it is never
 shared between two transactions at once. The key holds the domain, the hop and the TLS level
 asked for, so what a session reached (STARTTLS, a checked certificate) is only ever reused
 for the domain whose rules accepted it. A session idle for more than `idle_limit` seconds is
 closed (QUIT) by a reaper thread, and one older than `age_limit` is not given back. The
-caller sends RSET before reusing one (RFC 5321 4.1.1.5), and treats any failure there as a
-session the remote closed: nothing of the message was sent, so a new connection loses or
-doubles nothing.
+caller sends RSET before reusing one (RFC 5321 4.1.1.5): alone, or to a host offering
+PIPELINING in one write with MAIL and every RCPT (RFC 2920 3.1). Any failure there is a
+session the remote closed or timed out: nothing of the message was sent, so a new connection
+loses or doubles nothing.
 """
 import threading
 import time
 from typing import NamedTuple
 
+from resolver import DeliveryError
+
 IDLE_LIMIT = 2.0            # seconds a session waits unused (Postfix: 2 s)
 AGE_LIMIT = 300.0           # seconds from connect after which a session is not reused
 MAX_IDLE_PER_KEY = 32       # idle sessions kept for one key; beyond that, QUIT
 QUIT_TIMEOUT = 2.0          # seconds the reaper waits for the reply to QUIT
+
+
+class StaleConnection(DeliveryError):
+    """A cached connection did not answer the RSET before a transaction: the remote closed
+    it or timed out. Nothing of the message went over it; a new connection is made."""
 
 
 class CacheKey(NamedTuple):
@@ -156,3 +167,32 @@ class ConnectionCache:
             except Exception:           # the session is going away whatever went wrong
                 pass
             session.client.close()
+
+
+# ---------------------------------------------------------------------------------------
+# RSET before a transaction on a reused session (RFC 5321 4.1.1.5)
+
+
+def reset(session):
+    """None when the taken `session` may carry a transaction: RSET answered 250, or, to a
+    host offering PIPELINING, RSET is left to go out with MAIL (send_after_reset). Else
+    why not; the caller closes it."""
+    if "PIPELINING" in session.extensions:
+        return None
+    try:
+        answer = session.client.command("RSET")
+    except (DeliveryError, OSError) as error:
+        return str(getattr(error, "reply", "") or error)
+    return None if answer.code == 250 else answer.text
+
+
+def send_after_reset(client, lines, timeout):
+    """Send `lines` (RSET first) on a reused connection and read the reply to RSET: a
+    connection that fails here or does not answer 250 is stale (StaleConnection)."""
+    try:
+        client.send_lines(lines)
+        answer = client.reply(timeout)
+    except (DeliveryError, OSError) as error:
+        raise StaleConnection(str(getattr(error, "reply", "") or error)) from None
+    if answer.code != 250:
+        raise StaleConnection(answer.text)

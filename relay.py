@@ -21,19 +21,14 @@ with the certificate checked for the MX name; when it does not check out, with u
 on a new connection; when TLS does not work, in clear text on another: each step only while
 the policy and the memory allow it, else that host fails with a 4xx and the next is tried.
 
-DKIM (RFC 6376): with a `signer` (dkimsign.Signer), mail whose reverse-path domain is a local
-domain is signed as it goes: the DKIM-Signature header goes before the text (DATA) or at the
-start of the first chunk (BDAT). Only clients in [relay] networks and after AUTH may send
-mail of a local domain to another one, so that is ours to sign; a forward is not (anyone
-may write to an alias, and a forged From: of ours must not leave with our signature): it
-leaves with an SRS reverse path, or, when that would not fit, with our Delivered-To first.
+DKIM (RFC 6376): with a `signer` (dkimsign.Signer), what relaysigning.py finds ours to sign
+is signed as it goes: the DKIM-Signature header goes before the text (DATA) or at the start
+of the first chunk (BDAT).
 
 With a `connections` cache (connections.py), the connection is kept after a transaction
 that reached the reply to its text, for the next message of the same domain through the same
-hop; it is reused with RSET first (RFC 5321 4.1.1.5), and one that does not answer it is
-replaced by a new connection (nothing of the message went over it). To a host offering
-PIPELINING, (RSET,) MAIL and every RCPT go in one write (RFC 2920 3.1); DATA follows only
-once a recipient was accepted.
+hop, and reused with RSET first. To a host offering PIPELINING, (RSET,) MAIL and every RCPT
+go in one write (RFC 2920 3.1); DATA follows only once a recipient was accepted.
 
 The connection itself (replies bounded in lines, octets and time) is smtpclient.py.
 
@@ -43,23 +38,18 @@ The connection itself (replies bounded in lines, octets and time) is smtpclient.
 """
 import dataclasses
 import ssl
-import threading
 import time
 
 import dsn
-import forwarding
+import relaysigning
 import spool
 import tlspolicy
 from delivery import Outcome, Status
-from connections import CachedSession, CacheKey
+from connections import CachedSession, CacheKey, StaleConnection, reset, send_after_reset
 from resolver import DeliveryError
 from smtpclient import MAX_REPLY_LINES, Response, SmtpClient
 from tlsmemory import PLAIN, TLS, VERIFIED
 __all__ = ["Transaction", "SmtpClient", "Response", "MAX_REPLY_LINES", "BDAT_CHUNK"]
-# A forward's spool text begins with the Delivered-To: of its alias (storage.Draft)
-FORWARD_MARK = b"delivered-to:"
-# Texts held whole for signing at once: dkimpy needs about 4.6 times a text's size
-SIGNING = threading.BoundedSemaphore(2)
 BDAT_CHUNK = spool.TEXT_CHUNK   # octets of text read, unstuffed and sent per BDAT (64 KiB)
 
 # RFC 5321 2.2.1: a parameter is sent only to a server that advertised the extension which
@@ -101,11 +91,6 @@ class Unsuitable(TryNextHost):
     def __init__(self, reply, hop):
         super().__init__(reply, permanent=True)
         self.hop = hop
-
-
-class StaleConnection(TryNextHost):
-    """A cached connection did not answer the RSET before a transaction: the remote closed
-    it or timed out. Nothing of the message went over it; a new connection is made."""
 
 
 class SessionBroken(DeliveryError):
@@ -300,7 +285,7 @@ class Transaction:
                 extensions, reached = self._secure(client, extensions, hop, level)
                 session = CachedSession(client, extensions, reached, opened)
             kept = self._transact(client, session.extensions, hop, session.reached)
-        except (TryNextHost, SessionBroken):
+        except (TryNextHost, SessionBroken, StaleConnection):
             raise
         except DeliveryError as error:              # before MAIL: another host may do
             raise TryNextHost(error.reply) from None
@@ -320,30 +305,17 @@ class Transaction:
         session = self.connections.take(key) if self.connections is not None else None
         if session is None:
             return None
-        client = session.client
-        client.for_message(self.tag, hop)
+        session.client.for_message(self.tag, hop)
         self._trace(f"reusing the open connection to {hop}: RSET first (RFC 5321 4.1.1.5)")
-        refusal = self.rules.shortfall(hop, session.reached)
-        if refusal:
-            answer = None
-        elif "PIPELINING" in session.extensions:
-            self._reset_first = True        # RFC 2920 3.1: RSET and MAIL in one write
+        why_not = self.rules.shortfall(hop, session.reached) or reset(session)
+        if why_not is None:
+            # RFC 2920 3.1: to a host offering PIPELINING, RSET and MAIL in one write
+            self._reset_first = "PIPELINING" in session.extensions
             return session
-        else:
-            answer = self._reset(client)
-            if answer.code == 250:
-                return session
-        client.close()
+        session.client.close()
         self.log.info("%s the cached connection to %s is not usable (%s); connecting again",
-                      self.tag, hop, refusal or answer.text)
+                      self.tag, hop, why_not)
         return None
-
-    @staticmethod
-    def _reset(client):
-        try:
-            return client.command("RSET")
-        except (DeliveryError, OSError) as error:
-            return Response(0, (str(getattr(error, "reply", "") or error),))
 
     def _open(self, client, hop):
         """Greeting and EHLO (HELO if EHLO is refused). Any failure here: the next host."""
@@ -467,18 +439,10 @@ class Transaction:
         return len(self._dkim_header()) + self.message.text_size
 
     def _dkim_header(self):
-        """The DKIM-Signature header for this message, made once (b"" when not ours to
-        sign). The signer needs the whole unstuffed text in memory (dkimpy hashes bytes):
-        acceptable for the mail of our own domains only, which is all that is read here."""
+        """The DKIM-Signature header for this message, made once (b"": not signed)."""
         if self._signature is None:
-            self._signature = b""
-            domain = self.message.envelope.reverse_path.domain
-            if self.signer is not None and _ours_to_sign(self.message, self.config.local_domains):
-                with SIGNING:
-                    text = b"".join(spool.unstuffed(self.message.text_chunks()))   # 4.5.2
-                    self._signature = self.signer.sign(text, domain)
-                self._trace(f"DKIM: {'signed' if self._signature else 'not signed'} for "
-                            f"{domain} (RFC 6376 5)")
+            self._signature = relaysigning.dkim_header(self.message, self.signer,
+                                                       self.config.local_domains, self._trace)
         return self._signature
 
     def _transact(self, client, extensions, hop, reached=PLAIN):
@@ -516,7 +480,7 @@ class Transaction:
         lines += [self._rcpt_line(recipient, extensions) for recipient in self.recipients]
         if self._reset_first:
             self._reset_first = False
-            self._expect_reset(client, lines)
+            send_after_reset(client, lines, self.config.command_timeout)
         else:
             client.send_lines(lines)
         answer = client.reply(self.config.command_timeout)
@@ -540,18 +504,6 @@ class Transaction:
         except (DeliveryError, OSError):
             return False
         return True
-
-    def _expect_reset(self, client, lines):
-        """Send `lines` (RSET first) on a reused connection and read the reply to RSET: a
-        connection that fails here or does not answer 250 is stale (closed by the remote,
-        timed out)."""
-        try:
-            client.send_lines(lines)
-            reset = client.reply(self.config.command_timeout)
-        except (DeliveryError, OSError) as error:
-            raise StaleConnection(str(getattr(error, "reply", "") or error)) from None
-        if reset.code != 250:
-            raise StaleConnection(reset.text)
 
     def _end(self, client, reusable, broken=False):
         """After the transaction: True to keep the connection for the next message (the
@@ -655,15 +607,6 @@ class Transaction:
 def _broken(error, hop):
     """The reply for the recipients left when the session broke after MAIL."""
     return getattr(error, "reply", "") or f"451 4.4.2 connection to {hop} failed: {error}"
-
-
-def _ours_to_sign(message, local_domains):
-    """Mail of a local domain that is not a forward (see the module's docstring)."""
-    reverse_path = message.envelope.reverse_path
-    if reverse_path.domain not in local_domains or \
-            reverse_path.local_part.startswith(forwarding.PREFIX):
-        return False
-    return not message.read_text(len(FORWARD_MARK)).lower().startswith(FORWARD_MARK)
 
 
 def _refusal(answer):
