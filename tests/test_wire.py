@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.conftest import maildir_messages, make_config, stored_files
+from tests.waiting import wait_until
 from tests.wire import Client
 
 HOSTNAME = "mail.test.ru"
@@ -428,6 +429,9 @@ def test_too_many_clients_421_4_7_0(tmp_path, start_server):
         expect(first, "NOOP", "250 2.0.0")          # the first client is unaffected
         expect(first, "QUIT", "221")
         assert_closed(first)
+    # the client sees the close a moment before the server's thread has given up the place
+    admission = server.listeners[0].admission
+    assert wait_until(lambda: not admission.clients, timeout=5), admission.clients
     with Client(server.address) as third:           # its place is free again
         assert third.greeting[0] == 220
         expect(third, "QUIT", "221")
