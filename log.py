@@ -7,7 +7,13 @@ formatted once and written once to each: the timestamp is made once a second, an
 dialogue lines of a session wait in a buffer until the session is about to wait for its
 client (`flush`), so a pipelined burst of commands costs one write. Every other line is
 written at once. A traceback goes to the file only, indented under its one-line summary.
+
+Several processes may write the same file ([server] processes): each batch is one write(2)
+to a file opened O_APPEND, so batches never mix; the file is rotated under a lock on it by
+whichever process first sees it over the limit, and a process whose file was moved away (by
+another process, or by logrotate) opens the new one within a second.
 """
+import fcntl
 import io
 import os
 import sys
@@ -27,8 +33,9 @@ class Log:
         self.max_bytes = max_bytes
         self.backups = backups
         self.path = None
-        self._file = None
+        self._file = None               # descriptor of the log file, O_APPEND
         self._size = 0
+        self._checked = 0.0             # when the file was last checked for a rotation
         self._pending = []
         self._pending_size = 0
         self._second = None
@@ -42,8 +49,9 @@ class Log:
             self._open()
 
     def _open(self):
-        self._file = open(self.path, "a", encoding="utf-8", errors="backslashreplace")
-        self._size = self._file.tell()
+        self._file = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(self._file).st_size
+        self._checked = time.monotonic()
 
     def enabled(self, level=INFO):
         return level >= self.level
@@ -89,8 +97,8 @@ class Log:
     def close(self):
         with self._lock:
             self._write_pending()
-            if self._file:
-                self._file.close()
+            if self._file is not None:
+                os.close(self._file)
                 self._file = None
 
     # Called with the lock held
@@ -108,23 +116,53 @@ class Log:
         self._pending_size = 0
         if self.console:
             _write(self.console, text)
-        if self._file:
+        if self._file is not None:
             if details:
                 text += "".join(f"    {line}\n" for line in details.rstrip("\n").split("\n"))
-            _write(self._file, text)
-            self._size += len(text)
-            if self._size > self.max_bytes:
+            self._write_file(text.encode("utf-8", "backslashreplace"))
+
+    def _write_file(self, data):
+        if time.monotonic() - self._checked > 1 and self._moved_away():
+            self._reopen()
+        try:
+            os.write(self._file, data)
+            # O_APPEND: the offset is now the end of the file, other processes' lines included
+            self._size = os.lseek(self._file, 0, os.SEEK_CUR)
+        except OSError:
+            return              # a full disk must not take a session down
+        if self._size > self.max_bytes:
+            try:
                 self._rotate()
+            except OSError:
+                pass            # kept writing to the file it has
+
+    def _moved_away(self):
+        """True when the path no longer names the file this process writes."""
+        self._checked = time.monotonic()
+        try:
+            return os.stat(self.path).st_ino != os.fstat(self._file).st_ino
+        except OSError:
+            return True
+
+    def _reopen(self):
+        os.close(self._file)
+        self._open()
 
     def _rotate(self):
-        """smtpd.log -> smtpd.log.1 -> ... -> smtpd.log.<backups>, as logrotate numbers them."""
-        self._file.close()
-        for number in range(self.backups - 1, 0, -1):
-            older = f"{self.path}.{number}"
-            if os.path.exists(older):
-                os.replace(older, f"{self.path}.{number + 1}")
-        os.replace(self.path, f"{self.path}.1")
-        self._open()
+        """smtpd.log -> smtpd.log.1 -> ... -> smtpd.log.<backups>, as logrotate numbers them.
+        Under a lock on the file, so that of several processes one rotates and the others
+        follow it to the new file."""
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        try:
+            if self._moved_away() or os.fstat(self._file).st_size <= self.max_bytes:
+                return                  # another process has rotated it meanwhile
+            for number in range(self.backups - 1, 0, -1):
+                older = f"{self.path}.{number}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self.path}.{number + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        finally:
+            self._reopen()              # closing the old file releases the lock
 
 
 def _write(stream, text):
