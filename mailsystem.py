@@ -22,7 +22,7 @@ import dsn
 import queuerunner
 import state
 from aliases import Aliases
-from bounce import Notice
+from bounce import Bouncer, Notice
 from checks import Checks
 from config import ConfigError
 from forwarding import Forwarder
@@ -51,6 +51,8 @@ class MailSystem:
         # read now, as root: the keys are 0600 files (raises dkimsign.SigningKeyError)
         self.signer = dkimsign.Signer(config.dkim_keys, log) if config.dkim_keys else None
         self.queue = None
+        self.outbound = None            # where spool names go: the queue runner, or a handoff
+        self.bouncer = None             # bounce.Bouncer for the notices owed at delivery
         self._spool_lock = None
 
     def prepare(self):
@@ -59,22 +61,45 @@ class MailSystem:
 
     def start(self):
         """Take the spool (one queue runner per spool) and start delivering it."""
+        return self.take_spool().start_queue()
+
+    def take_spool(self):
+        """Take the spool's lock, or raise StorageError naming the process that has it, and
+        the forwarding key kept there."""
         self._spool_lock = self.spool.lock()
         if self._spool_lock is None:
             raise StorageError(f"spool {self.spool.directory} is in use by process "
                                f"{self.spool.owner()}")
         self.router.forwarder = Forwarder.for_spool(self.spool.directory)
+        return self
+
+    def start_queue(self):
+        """Start the queue runner: mail stored from now on is handed to it."""
         self.queue = queuerunner.QueueRunner(self.config, self.spool, self.router,
                                              self.submit_message, self.log, self.signer)
+        self.outbound = self.queue
+        self.bouncer = self.queue.bouncer
         self.queue.start()
         return self
+
+    def hand_off_to(self, outbound):
+        """Mail stored here goes to a queue runner in another process: `outbound.enqueue(
+        spool_name)` (processes.py). Notices this process owes are built here."""
+        self.outbound = outbound
+        self.bouncer = Bouncer(self.config.hostname, self.router, self.submit_message,
+                               self.log)
+
+    def leave_spool(self):
+        """Close this process's copy of the spool lock (a forked process: the lock stays
+        with the process that took it)."""
+        if self._spool_lock:
+            self._spool_lock.close()
+            self._spool_lock = None
 
     def stop(self):
         if self.queue:
             self.queue.stop()
-        if self._spool_lock:
-            self._spool_lock.close()
-            self._spool_lock = None
+        self.leave_spool()
 
     def remove_leftovers(self, started):
         """What a crash left behind: stale Maildir tmp/ files, spool temporaries and state
@@ -140,21 +165,21 @@ class MailSystem:
             self.log.error("[%s] cannot store a message: %s", draft.envelope.queue_id,
                            problem)
             raise
-        for spool_name in spool_names if self.queue else ():
-            self.queue.enqueue(spool_name)
+        for spool_name in spool_names if self.outbound else ():
+            self.outbound.enqueue(spool_name)
         self._notify_delivered(draft.envelope, headers)
         return spool_names
 
     def _notify_delivered(self, envelope, headers):
         """RFC 3461 4.1: a local recipient that asked NOTIFY=SUCCESS hears of its delivery
         (bounce.Bouncer applies dsn.wants; a notice is never sent for <>)."""
-        if not self.queue or not any("NOTIFY" in recipient.parameters
+        if not self.bouncer or not any("NOTIFY" in recipient.parameters
                                      for recipient in envelope.local_recipients):
             return
         notices = [Notice(recipient, dsn.DELIVERED, "2.0.0", "250 2.0.0 delivered to mailbox")
                    for recipient in envelope.local_recipients]
         try:
-            self.queue.bouncer.notify(envelope, notices, _with_line_end(headers), time.time())
+            self.bouncer.notify(envelope, notices, _with_line_end(headers), time.time())
         except (OSError, StorageError) as problem:      # the mail itself is delivered
             self.log.error("[%s] cannot send the delivered notice: %s", envelope.queue_id,
                            problem)

@@ -9,7 +9,7 @@ pipelined commands work), hands each to state.dispatch(), sends the reply, and t
 the reply says: read the next command, read the message text, read a SASL line, start TLS,
 or close. The protocol is in state.py, the shared parts (users, disk, queue) in mailsystem.py.
 """
-import collections
+import functools
 import os
 import queue
 import selectors
@@ -27,8 +27,10 @@ import daemon
 import dkimsign
 import events
 import explain
+import processes
 import replies
 import state
+from admission import Admission
 from aliases import AliasError
 from connection import ClientTooSlow, Connection, LineTooLong
 from envelope import Client
@@ -257,33 +259,6 @@ class SessionThreads:
             self.clients.put(None)
 
 
-class Admission:
-    """Who may start a session: max_clients in all and max_clients_per_ip from one address,
-    counted over every listener."""
-
-    def __init__(self, config):
-        self.config = config
-        self.clients = collections.Counter()    # client ip -> open sessions
-        self.lock = threading.Lock()
-
-    def admit(self, ip):
-        """None when the client may start, else the 421 it gets."""
-        hostname = self.config.hostname
-        with self.lock:
-            if sum(self.clients.values()) >= self.config.max_clients:
-                return replies.TOO_MANY_CLIENTS.format(hostname=hostname)
-            if self.clients[ip] >= self.config.max_clients_per_ip:
-                return replies.TOO_MANY_FROM_YOU.format(hostname=hostname)
-            self.clients[ip] += 1
-        return None
-
-    def release(self, ip):
-        with self.lock:
-            self.clients[ip] -= 1
-            if self.clients[ip] <= 0:
-                del self.clients[ip]
-
-
 class Listener(socketserver.TCPServer):
     """One listening socket: the SMTP port; or the submission port (RFC 6409), where AUTH
     is required before MAIL; or the submissions port (RFC 8314), the same under TLS from
@@ -314,6 +289,12 @@ class Listener(socketserver.TCPServer):
     @property
     def address(self):
         return self.server_address[:2]
+
+    @property
+    def kind(self):
+        """What the "listening on" line calls it."""
+        return "submissions (TLS, AUTH required) " if self.implicit_tls else \
+            "submission (AUTH required) " if self.auth_required else ""
 
     def accept_until_stopped(self):
         with selectors.DefaultSelector() as selector:
@@ -456,26 +437,84 @@ class Server:
     def start(self):
         """Start the queue runner, then accept on every listener. Returns self."""
         self.system.start()
+        self.start_accepting()
+        self.start_web()
+        return self
+
+    def start_accepting(self, announce=True):
         for listener in self.listeners:
             thread = threading.Thread(target=listener.accept_until_stopped, name="accept",
                                       daemon=True)
             thread.start()
             self._threads.append(thread)
-            kind = "submissions (TLS, AUTH required) " if listener.implicit_tls else \
-                "submission (AUTH required) " if listener.auth_required else ""
-            self.log.info("%slistening on %s", kind, format_peer(*listener.address))
+            if announce:
+                self.log.info("%slistening on %s", listener.kind,
+                              format_peer(*listener.address))
+
+    def start_web(self):
         if self.web:
             self.system.queue.watch(self.events)
             self.web.start()
             self.log.info("web view on %s", self.web.url)
-        return self
+
+    # [server] processes (processes.py): what a forked process keeps of the server it was
+
+    def become_accepting_process(self, admission, hub, outbound):
+        """Ask `admission` before greeting a client, publish sessions to `hub` (None: no web
+        view), hand stored mail to `outbound`. The spool, the queue and the web view are
+        other processes'."""
+        self.system.leave_spool()
+        self.system.hand_off_to(outbound)
+        self.events = hub
+        for listener in self.listeners:
+            listener.admission = admission
+            listener.events = hub
+            # several processes wait on the socket; those the client did not go to must not
+            # then block in accept()
+            listener.socket.setblocking(False)
+        if self.web:
+            self.web.close()
+            self.web = None
+
+    def become_queue_process(self):
+        """Deliver the queue and serve the web view; the SMTP ports are other processes'."""
+        self.system.leave_spool()
+        for listener in self.listeners:
+            listener.server_close()
+        self.listeners = []
+        self.system.start_queue()
+        self.start_web()
+
+    def run_until_signalled(self):
+        """SIGINT/SIGTERM stop the server; SIGUSR1 makes the queue due now (--flush)."""
+        stop_requested = threading.Event()
+
+        def request_stop(signum, frame):
+            stop_requested.set()
+
+        def request_flush(signum, frame):
+            threading.Thread(target=self.system.queue.flush, daemon=True).start()
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGUSR1, request_flush)
+        while not stop_requested.wait(3600):
+            pass
+        self.stop()
+        return 0
 
     def stop(self, grace=None):
         """Stop accepting everywhere; sessions waiting for a command get 421 4.3.2, sessions
         in DATA may finish, up to `grace` seconds in all (default the idle timeout). Then
         stop the queue runner and close the log. A second call does nothing."""
+        if self.wind_down(grace):
+            self.log.info("stopped")
+        self.log.close()
+
+    def wind_down(self, grace=None):
+        """stop() without its last log line; False when the server was already stopping."""
         if self.shutdown.is_set():
-            return
+            return False
         self.shutdown.begin()
         for thread in self._threads:            # the accept loops see the wakeup and end
             thread.join(5)
@@ -489,8 +528,7 @@ class Server:
             self.web.stop()
         self.system.stop()
         self.shutdown.close()
-        self.log.info("stopped")
-        self.log.close()
+        return True
 
     def close(self):
         """Undo a Server that never started (start-up failed after binding)."""
@@ -542,30 +580,13 @@ def main(argv=None):
                                         args.selector or config.dkim_selector)
         if args.tls_domains:
             return commands.show_tls_domains(config)
-        server = daemon.start_service(config, Server)
+        make_server = Server if config.processes == 1 else \
+            functools.partial(processes.Supervisor, Server)
+        server = daemon.start_service(config, make_server)
     except (configuration.ConfigError, daemon.StartupError, StorageError, UsersFileError,
             AliasError, dkimsign.SigningKeyError) as error:
         return commands.fail(f"smtpd: {error}")
-    return serve_until_signalled(server)
-
-
-def serve_until_signalled(server):
-    """SIGINT/SIGTERM stop the server; SIGUSR1 makes the queue due now (--flush)."""
-    stop_requested = threading.Event()
-
-    def request_stop(signum, frame):
-        stop_requested.set()
-
-    def request_flush(signum, frame):
-        threading.Thread(target=server.system.queue.flush, daemon=True).start()
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGUSR1, request_flush)
-    while not stop_requested.wait(3600):
-        pass
-    server.stop()
-    return 0
+    return server.run_until_signalled()
 
 
 if __name__ == "__main__":
