@@ -36,6 +36,7 @@ DEFAULTS = {
         "max_errors": "10",
         "max_rejected_recipients": "20",
         "user": "nobody",
+        "processes": "1",
     },
     "domains": {"local": "test.ru"},
     "users": {"file": "users", "aliases": "", "suffix_separators": "+"},
@@ -96,6 +97,7 @@ class Config:
     max_errors: int             # bad commands (syntax, sequence, unknown verbs) before 421
     max_rejected_recipients: int    # RCPTs refused with 550/554 before 421
     user: str
+    processes: int              # accepting processes (processes.py); 1: this process only
     local_domains: tuple
     users_file: str
     aliases_file: str           # "" for none
@@ -273,6 +275,7 @@ def from_sections(sections, ip="127.0.0.1", port=None, config_file=""):
         max_errors=value.integer("server", "max_errors", minimum=1),
         max_rejected_recipients=value.integer("server", "max_rejected_recipients", minimum=1),
         user=value.text("server", "user"),
+        processes=value.processes("server", "processes"),
         local_domains=value.domains("domains", "local"),
         users_file=value.path("users", "file"),
         aliases_file=value.path("users", "aliases", required=False),
@@ -360,6 +363,12 @@ class _Reader:
         if maximum is not None and number > maximum:
             self.fail(section, key, f"must be at most {maximum}")
         return number
+
+    def processes(self, section, key):
+        """A number of processes, or `auto`: one per core."""
+        if self.raw(section, key).strip().lower() == "auto":
+            return os.cpu_count() or 1
+        return self.integer(section, key, minimum=1, maximum=256)
 
     def number(self, section, key, minimum=None):
         try:

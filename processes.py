@@ -1,0 +1,532 @@
+"""[server] processes = N: one server as N accepting processes, a queue process and the
+supervisor that forks them, so that sessions run on every core (each process has its own
+interpreter lock). With processes = 1, the default, none of this runs.
+
+    supervisor           the process the user started: binds, drops privileges, holds the
+     |                   spool lock (so --flush's SIGUSR1 and SIGTERM reach it); no threads
+     |-- queue process   the queue runner and the web view (MailSystem.start_queue)
+     '-- accepting 1..N  the listeners and one thread per client, as with processes = 1,
+                         all accepting on the same sockets, bound before the fork
+
+Each child talks to the supervisor over a socketpair of its own (SOCK_SEQPACKET: one pickled
+message per send); what is for the queue process the supervisor passes on:
+
+    ADMIT n ip        accepting -> supervisor, answered at once with ADMITTED n and None or
+                      the 421 to send (max_clients and max_clients_per_ip count every process)
+    RELEASE ip        accepting -> supervisor: that client's session has ended
+    QUEUE name        accepting -> supervisor -> queue: a spool file, durable, to deliver
+    SESSION ...       accepting -> supervisor -> queue: a session's line, for the web view
+    PROCESS_ENDED n   supervisor -> queue: accepting process n has gone, and its sessions
+    FLUSH             supervisor -> queue: --flush (SIGUSR1) came
+
+A child that ends unexpectedly is forked again and the places its clients held are freed;
+what it stored is in the spool, and a new queue process takes up the whole spool. The
+supervisor never starts a thread, so no fork copies a lock that another thread holds. On
+SIGTERM or SIGINT it stops the accepting processes (each lets sessions in DATA finish, as one
+process does), then the queue process.
+"""
+import collections
+import enum
+import os
+import pickle
+import queue
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import replies
+from admission import Admission
+from sessionlog import format_peer
+
+MESSAGE_LIMIT = 1 << 16         # octets in one message; a session's line is cut to fit
+LINE_LIMIT = 4096               # characters of a command line forwarded to the web view
+RESTART_DELAY = 1.0             # a child that lived shorter than this waits before a restart
+ADMIT_TIMEOUT = 10.0            # seconds an accepting process waits for the supervisor
+STOP_MARGIN = 10.0              # seconds past the grace period before a child is killed
+
+
+class Say(enum.Enum):
+    """What a message says (its first item)."""
+    ADMIT = "admit"
+    ADMITTED = "admitted"
+    RELEASE = "release"
+    QUEUE = "queue"
+    SESSION = "session"
+    PROCESS_ENDED = "process ended"
+    FLUSH = "flush"
+
+
+class Role(enum.Enum):
+    QUEUE = "queue process"
+    ACCEPTING = "accepting process"
+
+
+class Channel:
+    """One end of a socketpair between the supervisor and a child."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def send(self, *message):
+        """Send one message; False when the other end has gone."""
+        try:
+            self.sock.send(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+            return True
+        except OSError:
+            return False
+
+    def receive(self):
+        """The next message as a tuple, or None once the other end has gone."""
+        try:
+            data = self.sock.recv(MESSAGE_LIMIT)
+        except OSError:
+            return None
+        return pickle.loads(data) if data else None
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def close(self):
+        self.sock.close()
+
+
+# --- in the supervisor ---------------------------------------------------------------------
+
+@dataclass
+class Child:
+    role: Role
+    number: int                     # 1..N for an accepting process, 0 for the queue process
+    pid: int
+    channel: Channel                # the supervisor's end
+    started: float
+    admitted: collections.Counter = field(default_factory=collections.Counter)
+
+    @property
+    def name(self):
+        return f"{self.role.value} {self.number}" if self.role is Role.ACCEPTING \
+            else self.role.value
+
+
+class Supervisor:
+    """The server as processes; made where smtpd.Server would be (daemon.start_service)."""
+
+    def __init__(self, make_server, config, log):
+        self.config = config
+        self.log = log
+        self.server = make_server(config, log)  # built and bound here, forked into each child
+        self.system = self.server.system
+        self.admission = Admission(config)
+        self.children = {}                      # channel fileno -> Child
+        self.restarts = []                      # (when, role, number) of children to fork
+        self.stop_requested = False
+        self.flush_requested = False
+        self.stopping_since = None              # when SIGTERM went to the accepting processes
+        self.queue_stopped = False              # SIGTERM went to the queue process
+
+    def close(self):
+        self.server.close()
+
+    def start(self):
+        """Take the spool, fork the queue process and the accepting processes. Returns self."""
+        self.system.take_spool()
+        self._fork(Role.QUEUE, 0)
+        for number in range(1, self.config.processes + 1):
+            self._fork(Role.ACCEPTING, number)
+        for listener in self.server.listeners:
+            self.log.info("%slistening on %s", listener.kind, format_peer(*listener.address))
+        self.log.info("%d accepting processes and a queue process ([server] processes)",
+                      self.config.processes)
+        return self
+
+    def _fork(self, role, number):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.log.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            self._run_child(role, number, Channel(theirs))
+        theirs.close()
+        child = Child(role, number, pid, Channel(ours), time.monotonic())
+        self.children[child.channel.fileno()] = child
+        return child
+
+    def _run_child(self, role, number, channel):
+        """In the forked process: never returns. SIGTERM (or the supervisor's end) stops it;
+        SIGINT is the supervisor's to act on."""
+        code = 1
+        try:
+            stop = threading.Event()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            for child in self.children.values():   # the other children's channels
+                child.channel.close()
+            run = run_queue_process if role is Role.QUEUE else run_accepting_process
+            code = run(self.server, channel, stop)
+        except BaseException:
+            self.log.error("%s failed", role.value, exc_info=True)
+        finally:
+            self.log.close()
+            os._exit(code)
+
+    # the loop
+
+    def run_until_signalled(self):
+        wake_read, wake_write = socket.socketpair()
+        wake_read.setblocking(False)
+        wake_write.setblocking(False)
+        signal.set_wakeup_fd(wake_write.fileno())
+        signal.signal(signal.SIGINT, self._request_stop)
+        signal.signal(signal.SIGTERM, self._request_stop)
+        signal.signal(signal.SIGUSR1, self._request_flush)
+        while self.children or self.restarts:
+            self._act_on_signals()
+            self._restart_due()
+            readable, _, _ = select.select([wake_read, *self.children], [], [], self._wait())
+            for ready in readable:
+                if ready is wake_read:
+                    _drain(wake_read)
+                elif ready in self.children:        # not reaped meanwhile
+                    self._receive(self.children[ready])
+        signal.set_wakeup_fd(-1)
+        self.system.leave_spool()
+        self.log.info("stopped")
+        self.log.close()
+        return 0
+
+    def _request_stop(self, signum, frame):
+        self.stop_requested = True
+
+    def _request_flush(self, signum, frame):
+        self.flush_requested = True
+
+    def _act_on_signals(self):
+        if self.flush_requested:
+            self.flush_requested = False
+            self._send_to_queue(Say.FLUSH)
+        if self.stop_requested and self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+            self.restarts = []
+            self._signal(Role.ACCEPTING, signal.SIGTERM)
+        if self.stopping_since is None:
+            return
+        if not self._of(Role.ACCEPTING) and not self.queue_stopped:   # then the queue
+            self.queue_stopped = True
+            self._signal(Role.QUEUE, signal.SIGTERM)
+        if time.monotonic() - self.stopping_since > self.config.timeout + STOP_MARGIN:
+            self._signal(Role.ACCEPTING, signal.SIGKILL)
+            self._signal(Role.QUEUE, signal.SIGKILL)
+
+    def _wait(self):
+        """Seconds select() may wait: until the next restart is due, or a stop's deadline."""
+        waits = [when - time.monotonic() for when, _, _ in self.restarts]
+        if self.stopping_since is not None:
+            waits.append(1.0)
+        return max(0.0, min(waits)) if waits else None
+
+    def _of(self, role):
+        return [child for child in self.children.values() if child.role is role]
+
+    def _signal(self, role, signum):
+        for child in self._of(role):
+            try:
+                os.kill(child.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _send_to_queue(self, *message):
+        for child in self._of(Role.QUEUE):
+            child.channel.send(*message)
+
+    def _receive(self, child):
+        message = child.channel.receive()
+        if message is None:
+            self._ended(child)
+            return
+        say, *arguments = message
+        if say is Say.ADMIT:
+            number, ip = arguments
+            refusal = self.admission.admit(ip)
+            if refusal is None:
+                child.admitted[ip] += 1
+            child.channel.send(Say.ADMITTED, number, refusal)
+        elif say is Say.RELEASE:
+            ip, = arguments
+            self._release(child, ip)
+        elif say is Say.QUEUE:
+            self._send_to_queue(Say.QUEUE, *arguments)
+        elif say is Say.SESSION:
+            self._send_to_queue(Say.SESSION, child.number, *arguments)
+
+    def _release(self, child, ip, count=1):
+        for _ in range(min(count, child.admitted[ip])):
+            self.admission.release(ip)
+            child.admitted[ip] -= 1
+        if child.admitted[ip] <= 0:
+            del child.admitted[ip]
+
+    def _ended(self, child):
+        """A child's channel closed: it has ended (or is ending). Reap it; if the server is
+        not stopping, free its clients' places and fork it again."""
+        del self.children[child.channel.fileno()]
+        child.channel.close()
+        _, status = os.waitpid(child.pid, 0)
+        for ip, count in list(child.admitted.items()):
+            self._release(child, ip, count)
+        if child.role is Role.ACCEPTING:
+            self._send_to_queue(Say.PROCESS_ENDED, child.number)
+        if self.stopping_since is not None:
+            return
+        self.log.error("%s (pid %d) ended unexpectedly (%s); starting it again", child.name,
+                       child.pid, _describe(status))
+        lived = time.monotonic() - child.started
+        when = time.monotonic() + (RESTART_DELAY if lived < RESTART_DELAY else 0)
+        self.restarts.append((when, child.role, child.number))
+
+    def _restart_due(self):
+        now = time.monotonic()
+        due = [restart for restart in self.restarts if restart[0] <= now]
+        self.restarts = [restart for restart in self.restarts if restart[0] > now]
+        for _, role, number in due:
+            child = self._fork(role, number)
+            self.log.info("%s started again (pid %d)", child.name, child.pid)
+
+
+def _drain(sock):
+    try:
+        while sock.recv(512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _describe(status):
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+# --- in a child ----------------------------------------------------------------------------
+
+class SupervisorLink:
+    """A child's end of its channel: messages out from any thread, and a thread that reads
+    what the supervisor sends (`handle(message)`) until it has gone (`on_gone()`)."""
+
+    def __init__(self, channel, handle, on_gone):
+        self.channel = channel
+        self.handle = handle
+        self.on_gone = on_gone
+
+    def start(self):
+        threading.Thread(target=self._read, name="supervisor", daemon=True).start()
+
+    def send(self, *message):
+        return self.channel.send(*message)
+
+    def _read(self):
+        while True:
+            message = self.channel.receive()
+            if message is None:
+                self.on_gone()
+                return
+            self.handle(message)
+
+
+class RemoteAdmission:
+    """Admission (admission.py) for an accepting process: the supervisor counts. Questions
+    are numbered, so that an answer that comes after its question was given up on is not
+    taken for the next one's (and the place it granted is given back)."""
+
+    def __init__(self, link, config):
+        self.link = link
+        self.config = config
+        self.answers = queue.SimpleQueue()      # (question number, None or the 421)
+        self.asked = 0
+        self.given_up = {}                      # question number -> ip
+        self.lock = threading.Lock()            # one question at a time (one per listener)
+
+    def admit(self, ip):
+        """None when the client may start, else the 421 it gets."""
+        with self.lock:
+            self.asked += 1
+            number = self.asked
+            if not self.link.send(Say.ADMIT, number, ip):
+                return self._unavailable()
+            deadline = time.monotonic() + ADMIT_TIMEOUT
+            while True:
+                try:
+                    answered, refusal = self.answers.get(
+                        timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    self.given_up[number] = ip
+                    return self._unavailable()
+                if answered == number:
+                    return refusal
+                late_ip = self.given_up.pop(answered, None)
+                if refusal is None and late_ip is not None:
+                    self.release(late_ip)
+
+    def answered(self, number, refusal):
+        self.answers.put((number, refusal))
+
+    def _unavailable(self):
+        return replies.SHUTTING_DOWN.format(hostname=self.config.hostname)
+
+    def release(self, ip):
+        self.link.send(Say.RELEASE, ip)
+
+
+class Handoff:
+    """Where an accepting process's stored mail goes: its spool names, to the queue process."""
+
+    def __init__(self, link):
+        self.link = link
+
+    def enqueue(self, spool_name):
+        self.link.send(Say.QUEUE, spool_name)      # if lost, the next queue process finds it
+
+
+class Operation(enum.Enum):
+    """What happened in a forwarded session: events.SessionRecord's method of that name."""
+    OPEN = "open"
+    RECEIVED = "received"
+    SENT = "sent"
+    MOVED = "moved"
+    NOTE = "note"
+    ACCEPTED = "accepted"
+    CLOSE = "close"
+
+
+class ForwardingHub:
+    """events.Hub's session side in an accepting process: each session's lines go to the
+    queue process, where the web view's Hub keeps them (RemoteSessions)."""
+
+    def __init__(self, link):
+        self.link = link
+
+    def open_session(self, session, peer):
+        record = ForwardedRecord(self.link, session)
+        record.forward(Operation.OPEN, peer)
+        return record
+
+    def close_session(self, record):
+        record.forward(Operation.CLOSE)
+
+
+class ForwardedRecord:
+    """What sessionlog.SessionLog writes to, as it would to an events.SessionRecord."""
+
+    def __init__(self, link, session):
+        self.link = link
+        self.session = session
+
+    def forward(self, operation, *arguments):
+        session = self.session
+        self.link.send(Say.SESSION, session.id, operation, arguments, session.state,
+                       session.helo)
+
+    def received(self, text):
+        self.forward(Operation.RECEIVED, text[:LINE_LIMIT])
+
+    def sent(self, reply, transition=None):
+        self.forward(Operation.SENT, reply, transition)
+
+    def moved(self, transition):
+        self.forward(Operation.MOVED, transition)
+
+    def note(self, text):
+        self.forward(Operation.NOTE, text[:LINE_LIMIT])
+
+    def accepted(self, local_copies, octets):
+        self.forward(Operation.ACCEPTED, local_copies, octets)
+
+
+@dataclass
+class RemoteSession:
+    """What events.SessionRecord reads of a session that runs in another process."""
+    id: str
+    state: str
+    helo: Optional[str]
+
+
+class RemoteSessions:
+    """In the queue process: the sessions of the accepting processes, in the web view's Hub."""
+
+    def __init__(self, hub):
+        self.hub = hub
+        self.records = {}       # (process number, session id) -> (RemoteSession, SessionRecord)
+
+    def apply(self, number, session_id, operation, arguments, state, helo):
+        key = (number, session_id)
+        if operation is Operation.OPEN:
+            session = RemoteSession(session_id, state, helo)
+            self.records[key] = (session, self.hub.open_session(session, *arguments))
+            return
+        if key not in self.records:
+            return
+        session, record = self.records[key]
+        session.state, session.helo = state, helo
+        if operation is Operation.CLOSE:
+            del self.records[key]
+            self.hub.close_session(record)
+            return
+        getattr(record, operation.value)(*arguments)
+
+    def process_ended(self, number):
+        for key in [key for key in self.records if key[0] == number]:
+            _, record = self.records.pop(key)
+            self.hub.close_session(record)
+
+
+def run_accepting_process(server, channel, stop):
+    admission = None
+
+    def handle(message):
+        say, *arguments = message
+        if say is Say.ADMITTED:
+            admission.answered(*arguments)
+
+    link = SupervisorLink(channel, handle, stop.set)
+    admission = RemoteAdmission(link, server.config)
+    hub = ForwardingHub(link) if server.events is not None else None
+    server.become_accepting_process(admission, hub, Handoff(link))
+    link.start()
+    server.start_accepting(announce=False)
+    _wait_for(stop)
+    server.wind_down()
+    return 0
+
+
+def run_queue_process(server, channel, stop):
+    server.become_queue_process()
+    system = server.system
+    sessions = RemoteSessions(server.events) if server.events is not None else None
+
+    def handle(message):
+        say, *arguments = message
+        if say is Say.QUEUE:
+            system.queue.enqueue(*arguments)
+        elif say is Say.FLUSH:
+            threading.Thread(target=system.queue.flush, daemon=True).start()
+        elif say is Say.SESSION and sessions is not None:
+            sessions.apply(*arguments)
+        elif say is Say.PROCESS_ENDED and sessions is not None:
+            sessions.process_ended(*arguments)
+
+    SupervisorLink(channel, handle, stop.set).start()
+    _wait_for(stop)
+    server.wind_down()
+    return 0
+
+
+def _wait_for(stop):
+    while not stop.wait(3600):
+        pass
