@@ -41,6 +41,7 @@ import ssl
 import time
 
 import dsn
+import racing
 import relaysigning
 import spool
 import tlspolicy
@@ -187,9 +188,9 @@ class Transaction:
                     f"{', '.join(str(hop) for hop in hops)} (RFC 5321 5.1)")
         self.rules = self.tls.for_domain(self.domain, self.tag)
         errors = []
-        for hop in hops:
+        for hop, connected in self._in_order(hops, errors):
             try:
-                self._deliver_via(hop)
+                self._deliver_via(hop, connected)
                 return
             except TryNextHost as error:
                 errors.append(error)
@@ -198,6 +199,43 @@ class Transaction:
                 self._report_rest(Status.PENDING, error.reply, hop)
                 return
         self._no_host_took_it(errors)
+
+    def _in_order(self, hops, errors):
+        """(hop, a socket already connected to it or None), in the order to try them: by
+        preference (RFC 5321 5.1); among equal ones, a hop with a cached connection first,
+        else the first to connect of a race (racing.py, RFC 8305). Hops that failed to
+        connect in the race are added to `errors` and not tried again."""
+        for group in _equal_preference(hops):
+            cached = self._cached_hops()
+            allowed = [hop for hop in group if self.rules.refusal(hop) is None]
+            if len(allowed) < 2 or cached & set(group):
+                yield from ((hop, None) for hop in sorted(group, key=lambda h: h not in cached))
+                continue
+            winner, sock, failures = self._race(allowed)
+            for hop, error in failures:
+                errors.append(TryNextHost(f"451 4.4.1 cannot connect to {hop}: {error}"))
+                self.log.info("%s %s: cannot connect (%s); trying the next host", self.tag,
+                              hop, error)
+            if winner is not None:
+                yield winner, sock
+            failed = {hop for hop, _ in failures}
+            yield from ((hop, None) for hop in group if hop != winner and hop not in failed)
+
+    def _race(self, hops):
+        """racing.first_to_connect over `hops`: (winner or None, socket, failures)."""
+        try:
+            winner, sock, failures = racing.first_to_connect(racing.interleaved(hops),
+                                                             self.config.connect_timeout)
+        except racing.NoneConnected as none:
+            return None, None, none.failures
+        self._trace(f"{winner} connected first of {len(hops)} equally preferred addresses "
+                    "(RFC 8305)")
+        return winner, sock, failures
+
+    def _cached_hops(self):
+        if self.connections is None:
+            return set()
+        return {key.hop for key in self.connections.idle_keys() if key.domain == self.domain}
 
     def _no_host_took_it(self, errors):
         """RFC 5321 5.1: every host was tried. When each was reached and lacks what the
@@ -230,18 +268,20 @@ class Transaction:
 
     # one host
 
-    def _deliver_via(self, hop):
+    def _deliver_via(self, hop, connected=None):
         """At most three connections: verified TLS, unchecked TLS, clear text, each only
-        when the one before failed at TLS and the rules accept less."""
+        when the one before failed at TLS and the rules accept less. `connected`: a socket
+        to use for the first."""
         refusal = self.rules.refusal(hop)
         if refusal:
             raise TryNextHost(refusal)
         level = self.rules.first_attempt()
         while True:
             try:
-                self._deliver_once(hop, level)
+                self._deliver_once(hop, level, connected)
                 return
             except TlsFailed as error:
+                connected = None
                 level = self._fallback(hop, level, error)
 
     def _fallback(self, hop, level, error):
@@ -256,10 +296,11 @@ class Transaction:
                       "with unchecked TLS" if lower == TLS else "in clear text")
         return lower
 
-    def _deliver_once(self, hop, level):
-        """One connection to `hop`: an idle one from the cache, else a new one."""
+    def _deliver_once(self, hop, level, connected=None):
+        """One connection to `hop`: `connected`, else an idle one from the cache, else a new
+        one."""
         key = CacheKey(self.domain, hop, level)
-        session = self._cached(key, hop)
+        session = self._cached(key, hop) if connected is None else None
         if session is not None:
             try:
                 self._converse(session.client, key, hop, level, session)
@@ -269,7 +310,7 @@ class Transaction:
                               self.tag, hop, error.reply)
         self._reset_first = False
         try:
-            client = SmtpClient(hop, self.config, self.log, self.tag)
+            client = SmtpClient(hop, self.config, self.log, self.tag, connected)
         except OSError as error:
             raise TryNextHost(f"451 4.4.1 cannot connect to {hop}: {error}") from None
         self._converse(client, key, hop, level)
@@ -620,3 +661,14 @@ def _as_refusal(answer):
     if answer.status is Status.DONE or answer.code < 400:
         return Response(451, (f"451 4.5.0 unexpected reply from remote: {answer.text}",))
     return answer
+
+
+def _equal_preference(hops):
+    """The hops in runs of one preference, in their order (an MX's; others share 0)."""
+    groups = []
+    for hop in hops:
+        if groups and groups[-1][0].preference == hop.preference:
+            groups[-1].append(hop)
+        else:
+            groups.append([hop])
+    return groups

@@ -71,6 +71,7 @@ class Hop:
     port: int
     host: str = field(default="", compare=False)
     kind: str = field(default=MX, compare=False)
+    preference: int = field(default=0, compare=False)  # of its MX record; else 0
 
     def __str__(self):
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
@@ -127,8 +128,8 @@ class Resolver:
         return self._mx_addresses(domain, hosts)
 
     def mx_hosts(self, domain, tag=""):
-        """MX host names in order: by preference, equal ones shuffled (RFC 5321 5.1).
-        None when the domain exists but has no MX records."""
+        """[(preference, MX host name)] in order: by preference, equal ones shuffled (RFC
+        5321 5.1). None when the domain exists but has no MX records."""
         try:
             answer = self.dns.resolve(domain, "MX", search=False)
         except dns.resolver.NXDOMAIN:
@@ -148,7 +149,7 @@ class Resolver:
                                 permanent=True)
         ordered = []
         for preference in sorted({record.preference for record in usable}):
-            same = [_host_name(record.exchange) for record in usable
+            same = [(preference, _host_name(record.exchange)) for record in usable
                     if record.preference == preference]
             random.shuffle(same)
             ordered += same
@@ -179,10 +180,10 @@ class Resolver:
 
     def _mx_addresses(self, domain, hosts):
         hops, any_failed = [], False
-        for host in hosts:
+        for preference, host in hosts:
             found, failed = self.addresses(host)
             any_failed |= failed
-            hops += [Hop(ip, self.config.relay_port, host, MX) for ip in found]
+            hops += [Hop(ip, self.config.relay_port, host, MX, preference) for ip in found]
         if hops:
             return hops
         if any_failed:

@@ -71,14 +71,15 @@ def verifying_context(ca_file=""):
 class SmtpClient:
     """One outbound connection. Every step has its timeout (RFC 5321 4.5.3.2)."""
 
-    def __init__(self, hop, config, log, tag):
+    def __init__(self, hop, config, log, tag, connected=None):
+        """Connect to `hop`, or take the socket `connected` to it (racing.py)."""
         self.config = config
         self.log = log
         self.tag = f"{tag} {hop}"
         self.buffer = b""
         self.verified = False           # TLS with a certificate checked for the host name
-        self.sock = socket.create_connection((hop.ip, hop.port),
-                                             timeout=config.connect_timeout)
+        self.sock = connected or socket.create_connection((hop.ip, hop.port),
+                                                          timeout=config.connect_timeout)
         # Each command waits for its reply, so Nagle's algorithm only holds back the last
         # piece of a write (the final dot after the text) until the remote's delayed ACK
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

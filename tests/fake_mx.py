@@ -291,3 +291,29 @@ def free_port(hosts):
         except OSError:
             continue
     raise RuntimeError("no common free port")
+
+
+class Blackhole:
+    """A host that never answers a connect: a listening socket that accepts nothing, its
+    backlog filled, so that the kernel drops every further SYN (the client's connect hangs
+    until its timeout, as with a host behind a firewall that drops packets)."""
+
+    def __init__(self, host, port):
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, port))
+        self.listener.listen(0)
+        self.address = (host, port)
+        self.fillers = []
+        for _ in range(4):                  # backlog 0 still queues one; fill it for good
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            try:
+                filler.connect(self.address)
+            except BlockingIOError:
+                pass
+            self.fillers.append(filler)
+
+    def stop(self):
+        for sock in self.fillers + [self.listener]:
+            sock.close()
