@@ -114,7 +114,9 @@ class Log:
         text = "".join(self._pending)
         self._pending.clear()
         self._pending_size = 0
-        if self.console:
+        if self.console is sys.stderr:
+            _write_whole_lines(sys.stderr, text)
+        elif self.console:
             _write(self.console, text)
         if self._file is not None:
             if details:
@@ -148,6 +150,14 @@ class Log:
         os.close(self._file)
         self._open()
 
+    def reopen_after_fork(self):
+        """A forked process opens the file anew: a descriptor of its own, so that the lock
+        taken to rotate excludes the other processes (flock(2) locks an open file, and a
+        descriptor inherited through fork() is the same open file)."""
+        with self._lock:
+            if self._file is not None:
+                self._reopen()
+
     def _rotate(self):
         """smtpd.log -> smtpd.log.1 -> ... -> smtpd.log.<backups>, as logrotate numbers them.
         Under a lock on the file, so that of several processes one rotates and the others
@@ -163,6 +173,29 @@ class Log:
             os.replace(self.path, f"{self.path}.1")
         finally:
             self._reopen()              # closing the old file releases the lock
+
+
+PIPE_BUF = 4096                 # POSIX: a write of at most this much to a pipe is not split
+
+
+def _write_whole_lines(stream, text):
+    """To the console, which several processes share (a terminal, or a pipe to journald):
+    whole lines in writes of at most PIPE_BUF where possible, so that lines of two processes
+    never mix."""
+    try:
+        descriptor = stream.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        _write(stream, text)
+        return
+    data = text.encode("utf-8", "backslashreplace")
+    try:
+        while data:
+            end = data.rfind(b"\n", 0, PIPE_BUF) + 1 if len(data) > PIPE_BUF else len(data)
+            end = end or len(data)              # a line longer than PIPE_BUF: as it is
+            written = os.write(descriptor, data[:end])
+            data = data[written:]
+    except OSError:
+        pass
 
 
 def _write(stream, text):
