@@ -89,6 +89,12 @@ class MailSystem:
         self.bouncer = Bouncer(self.config.hostname, self.router, self.submit_message,
                                self.log)
 
+    def claim_spool(self):
+        """The process that took the spool lock has gone and this one, holding it too, goes
+        on for a while: the lock now names this one (what --flush and a second start see)."""
+        if self._spool_lock:
+            self.spool.claim(self._spool_lock)
+
     def leave_spool(self):
         """Close this process's copy of the spool lock (a forked process: the lock stays
         with the process that took it)."""

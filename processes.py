@@ -27,6 +27,7 @@ process does), then the queue process.
 """
 import collections
 import enum
+import errno
 import os
 import pickle
 import queue
@@ -48,6 +49,8 @@ LINE_LIMIT = 4096               # characters of a command line forwarded to the 
 RESTART_DELAY = 1.0             # a child that lived shorter than this waits before a restart
 ADMIT_TIMEOUT = 10.0            # seconds an accepting process waits for the supervisor
 STOP_MARGIN = 10.0              # seconds past the grace period before a child is killed
+QUEUE_STOP_TIMEOUT = 5.0        # seconds for the queue process (its runner waits 2 s)
+OUTBOX_LIMIT = 10000            # messages waiting for a child before web view lines are dropped
 
 
 class Say(enum.Enum):
@@ -73,7 +76,7 @@ class Channel:
         self.sock = sock
 
     def send(self, *message):
-        """Send one message; False when the other end has gone."""
+        """Send one message (blocking); False when the other end has gone."""
         try:
             self.sock.send(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
             return True
@@ -84,6 +87,8 @@ class Channel:
         """The next message as a tuple, or None once the other end has gone."""
         try:
             data = self.sock.recv(MESSAGE_LIMIT)
+        except BlockingIOError:
+            raise
         except OSError:
             return None
         return pickle.loads(data) if data else None
@@ -95,6 +100,40 @@ class Channel:
         self.sock.close()
 
 
+class Outbox:
+    """The supervisor's end of a channel: it must never wait for a child (one that does not
+    read, stopped or busy, would hold up every other), so what the child's socket cannot
+    take now waits here, sent when select() says it can. Web view lines are dropped past
+    OUTBOX_LIMIT waiting messages; spool names and everything else never are."""
+
+    def __init__(self, channel):
+        self.channel = channel
+        channel.sock.setblocking(False)
+        self.waiting = collections.deque()
+        self.dropped = 0
+
+    def post(self, *message, droppable=False):
+        if droppable and len(self.waiting) >= OUTBOX_LIMIT:
+            self.dropped += 1
+            return
+        self.waiting.append(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+        self.flush()
+
+    def flush(self):
+        """Send what the socket takes now."""
+        while self.waiting:
+            try:
+                self.channel.sock.send(self.waiting[0])
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno != errno.EMSGSIZE:   # the child has gone: read below
+                    self.waiting.clear()
+                    return
+                self.dropped += 1                   # never made: kept short (LINE_LIMIT)
+            self.waiting.popleft()
+
+
 # --- in the supervisor ---------------------------------------------------------------------
 
 @dataclass
@@ -103,6 +142,7 @@ class Child:
     number: int                     # 1..N for an accepting process, 0 for the queue process
     pid: int
     channel: Channel                # the supervisor's end
+    outbox: Outbox
     started: float
     admitted: collections.Counter = field(default_factory=collections.Counter)
 
@@ -126,7 +166,7 @@ class Supervisor:
         self.stop_requested = False
         self.flush_requested = False
         self.stopping_since = None              # when SIGTERM went to the accepting processes
-        self.queue_stopped = False              # SIGTERM went to the queue process
+        self.queue_stopped_at = None            # when SIGTERM went to the queue process
 
     def close(self):
         self.server.close()
@@ -153,7 +193,8 @@ class Supervisor:
             ours.close()
             self._run_child(role, number, Channel(theirs))
         theirs.close()
-        child = Child(role, number, pid, Channel(ours), time.monotonic())
+        channel = Channel(ours)
+        child = Child(role, number, pid, channel, Outbox(channel), time.monotonic())
         self.children[child.channel.fileno()] = child
         return child
 
@@ -169,6 +210,7 @@ class Supervisor:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             for child in self.children.values():   # the other children's channels
                 child.channel.close()
+            self.log.reopen_after_fork()
             run = run_queue_process if role is Role.QUEUE else run_accepting_process
             code = run(self.server, channel, stop)
         except BaseException:
@@ -190,7 +232,13 @@ class Supervisor:
         while self.children or self.restarts:
             self._act_on_signals()
             self._restart_due()
-            readable, _, _ = select.select([wake_read, *self.children], [], [], self._wait())
+            waiting = [number for number, child in self.children.items()
+                       if child.outbox.waiting]
+            readable, writable, _ = select.select([wake_read, *self.children], waiting, [],
+                                                  self._wait())
+            for ready in writable:
+                if ready in self.children:
+                    self.children[ready].outbox.flush()
             for ready in readable:
                 if ready is wake_read:
                     _drain(wake_read)
@@ -218,11 +266,14 @@ class Supervisor:
             self._signal(Role.ACCEPTING, signal.SIGTERM)
         if self.stopping_since is None:
             return
-        if not self._of(Role.ACCEPTING) and not self.queue_stopped:   # then the queue
-            self.queue_stopped = True
+        now = time.monotonic()
+        if not self._of(Role.ACCEPTING) and self.queue_stopped_at is None:   # then the queue
+            self.queue_stopped_at = now
             self._signal(Role.QUEUE, signal.SIGTERM)
-        if time.monotonic() - self.stopping_since > self.config.timeout + STOP_MARGIN:
+        if now - self.stopping_since > self.config.timeout + STOP_MARGIN:
             self._signal(Role.ACCEPTING, signal.SIGKILL)
+        if self.queue_stopped_at is not None and \
+                now - self.queue_stopped_at > QUEUE_STOP_TIMEOUT:
             self._signal(Role.QUEUE, signal.SIGKILL)
 
     def _wait(self):
@@ -242,12 +293,15 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
-    def _send_to_queue(self, *message):
+    def _send_to_queue(self, *message, droppable=False):
         for child in self._of(Role.QUEUE):
-            child.channel.send(*message)
+            child.outbox.post(*message, droppable=droppable)
 
     def _receive(self, child):
-        message = child.channel.receive()
+        try:
+            message = child.channel.receive()
+        except BlockingIOError:                 # select() said readable; nothing after all
+            return
         if message is None:
             self._ended(child)
             return
@@ -257,14 +311,16 @@ class Supervisor:
             refusal = self.admission.admit(ip)
             if refusal is None:
                 child.admitted[ip] += 1
-            child.channel.send(Say.ADMITTED, number, refusal)
+            child.outbox.post(Say.ADMITTED, number, refusal)
         elif say is Say.RELEASE:
             ip, = arguments
             self._release(child, ip)
         elif say is Say.QUEUE:
             self._send_to_queue(Say.QUEUE, *arguments)
         elif say is Say.SESSION:
-            self._send_to_queue(Say.SESSION, child.number, *arguments)
+            operation = arguments[1]
+            self._send_to_queue(Say.SESSION, child.number, *arguments,
+                                droppable=operation in DROPPABLE)
 
     def _release(self, child, ip, count=1):
         for _ in range(min(count, child.admitted[ip])):
@@ -405,6 +461,11 @@ class Operation(enum.Enum):
     CLOSE = "close"
 
 
+# What an Outbox may drop when the queue process falls behind: a line, not a session's start
+# or end, nor its counters
+DROPPABLE = frozenset({Operation.RECEIVED, Operation.SENT, Operation.MOVED, Operation.NOTE})
+
+
 class ForwardingHub:
     """events.Hub's session side in an accepting process: each session's lines go to the
     queue process, where the web view's Hub keeps them (RemoteSessions)."""
@@ -521,7 +582,11 @@ def run_queue_process(server, channel, stop):
         elif say is Say.PROCESS_ENDED and sessions is not None:
             sessions.process_ended(*arguments)
 
-    SupervisorLink(channel, handle, stop.set).start()
+    def supervisor_gone():
+        system.claim_spool()                # until this process has stopped delivering
+        stop.set()
+
+    SupervisorLink(channel, handle, supervisor_gone).start()
     _wait_for(stop)
     server.wind_down()
     return 0

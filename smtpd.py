@@ -477,8 +477,9 @@ class Server:
             self.web = None
 
     def become_queue_process(self):
-        """Deliver the queue and serve the web view; the SMTP ports are other processes'."""
-        self.system.leave_spool()
+        """Deliver the queue and serve the web view; the SMTP ports are other processes'.
+        The spool lock stays open here too: while this process delivers, even after the
+        supervisor has gone, no other server may take the spool."""
         for listener in self.listeners:
             listener.server_close()
         self.listeners = []

@@ -325,11 +325,16 @@ class Spool:
         except BlockingIOError:
             lock_file.close()
             return None
+        self.claim(lock_file)
+        return lock_file
+
+    @staticmethod
+    def claim(lock_file):
+        """Name this process in the lock it holds (the one `owner()` reports)."""
         lock_file.seek(0)
         lock_file.truncate()
         lock_file.write(f"{os.getpid()}\n")
         lock_file.flush()
-        return lock_file
 
     def owner(self):
         """The pid of the process holding the spool lock, or None."""
