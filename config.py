@@ -367,7 +367,7 @@ class _Reader:
     def processes(self, section, key):
         """A number of processes, or `auto`: one per core."""
         if self.raw(section, key).strip().lower() == "auto":
-            return os.cpu_count() or 1
+            return len(os.sched_getaffinity(0))         # the cores this process may use
         return self.integer(section, key, minimum=1, maximum=256)
 
     def number(self, section, key, minimum=None):

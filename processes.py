@@ -2,7 +2,7 @@
 supervisor that forks them, so that sessions run on every core (each process has its own
 interpreter lock). With processes = 1, the default, none of this runs.
 
-    supervisor           the process the user started: binds, drops privileges, holds the
+    supervisor           the process the user started: binds, drops privileges, takes the
      |                   spool lock (so --flush's SIGUSR1 and SIGTERM reach it); no threads
      |-- queue process   the queue runner and the web view (MailSystem.start_queue)
      '-- accepting 1..N  the listeners and one thread per client, as with processes = 1,
@@ -24,6 +24,12 @@ what it stored is in the spool, and a new queue process takes up the whole spool
 supervisor never starts a thread, so no fork copies a lock that another thread holds. On
 SIGTERM or SIGINT it stops the accepting processes (each lets sessions in DATA finish, as one
 process does), then the queue process.
+
+Every child keeps its inherited copy of the spool lock (flock(2): one lock, held until its
+last copy is closed). A supervisor killed with SIGKILL leaves children that notice at once
+(their channel ends) and stop, sessions in DATA within ORPHAN_GRACE; until the last has
+ended, a new server is refused the spool, so nothing is delivered twice and no file of theirs
+is taken for a leftover.
 """
 import collections
 import enum
@@ -50,6 +56,7 @@ RESTART_DELAY = 1.0             # a child that lived shorter than this waits bef
 ADMIT_TIMEOUT = 10.0            # seconds an accepting process waits for the supervisor
 STOP_MARGIN = 10.0              # seconds past the grace period before a child is killed
 QUEUE_STOP_TIMEOUT = 5.0        # seconds for the queue process (its runner waits 2 s)
+ORPHAN_GRACE = 5.0              # seconds for sessions in DATA once the supervisor is gone
 OUTBOX_LIMIT = 10000            # messages waiting for a child before web view lines are dropped
 
 
@@ -163,6 +170,7 @@ class Supervisor:
         self.admission = Admission(config)
         self.children = {}                      # channel fileno -> Child
         self.restarts = []                      # (when, role, number) of children to fork
+        self.wakeup = ()                        # the socketpair signals wake select() with
         self.stop_requested = False
         self.flush_requested = False
         self.stopping_since = None              # when SIGTERM went to the accepting processes
@@ -210,6 +218,8 @@ class Supervisor:
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             for child in self.children.values():   # the other children's channels
                 child.channel.close()
+            for sock in self.wakeup:
+                sock.close()
             self.log.reopen_after_fork()
             run = run_queue_process if role is Role.QUEUE else run_accepting_process
             code = run(self.server, channel, stop)
@@ -222,7 +232,7 @@ class Supervisor:
     # the loop
 
     def run_until_signalled(self):
-        wake_read, wake_write = socket.socketpair()
+        wake_read, wake_write = self.wakeup = socket.socketpair()
         wake_read.setblocking(False)
         wake_write.setblocking(False)
         signal.set_wakeup_fd(wake_write.fileno())
@@ -549,20 +559,27 @@ class RemoteSessions:
 
 def run_accepting_process(server, channel, stop):
     admission = None
+    orphaned = threading.Event()
 
     def handle(message):
         say, *arguments = message
         if say is Say.ADMITTED:
             admission.answered(*arguments)
 
-    link = SupervisorLink(channel, handle, stop.set)
+    def supervisor_gone():
+        orphaned.set()
+        stop.set()
+
+    link = SupervisorLink(channel, handle, supervisor_gone)
     admission = RemoteAdmission(link, server.config)
     hub = ForwardingHub(link) if server.events is not None else None
     server.become_accepting_process(admission, hub, Handoff(link))
     link.start()
     server.start_accepting(announce=False)
     _wait_for(stop)
-    server.wind_down()
+    # Without a supervisor nobody restarts the server while this process holds the spool:
+    # sessions in DATA get a short grace, not the idle timeout
+    server.wind_down(min(ORPHAN_GRACE, server.config.timeout) if orphaned.is_set() else None)
     return 0
 
 

@@ -461,9 +461,10 @@ class Server:
 
     def become_accepting_process(self, admission, hub, outbound):
         """Ask `admission` before greeting a client, publish sessions to `hub` (None: no web
-        view), hand stored mail to `outbound`. The spool, the queue and the web view are
-        other processes'."""
-        self.system.leave_spool()
+        view), hand stored mail to `outbound`. The queue and the web view are other
+        processes'; the spool lock stays open here too, so that no other server takes the
+        spool (and removes this one's files in spool/tmp as leftovers) while this process
+        still stores mail."""
         self.system.hand_off_to(outbound)
         self.events = hub
         for listener in self.listeners:

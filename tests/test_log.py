@@ -2,6 +2,7 @@
 import io
 import os
 import re
+import time
 
 import pytest
 
@@ -80,3 +81,60 @@ def test_a_closed_console_does_not_raise(tmp_path):
     log = Log("INFO", console=console)
     console.close()
     log.info("nobody is listening")         # a session must not die of its log
+
+
+def test_two_processes_over_the_limit_at_once_rotate_once(tmp_path, monkeypatch):
+    """[server] processes: the file is opened before the fork; a child opens it anew
+    (processes.py does), so that the lock taken to rotate excludes the other process. The
+    window between the check and the renames is widened to half a second."""
+    path = tmp_path / "smtpd.log"
+    path.write_text("GEN0\n" * 400)                 # over max_bytes below
+    (tmp_path / "smtpd.log.1").write_text("GEN1\n")
+    real_exists = os.path.exists
+
+    def slow_exists(name):
+        if str(name).endswith("smtpd.log.1"):
+            time.sleep(0.5)
+        return real_exists(name)
+
+    monkeypatch.setattr(os.path, "exists", slow_exists)
+    log = Log("INFO", console=False, max_bytes=1000, backups=5)
+    log.open_file(str(path))
+    pid = os.fork()
+    if pid == 0:                                    # the child: never back into pytest
+        code = 1
+        try:
+            log.reopen_after_fork()
+            log.info("child")
+            log.close()
+            code = 0
+        finally:
+            os._exit(code)
+    log.info("parent")
+    log.close()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "GEN0" in (tmp_path / "smtpd.log.1").read_text()
+    assert (tmp_path / "smtpd.log.2").read_text() == "GEN1\n"
+    assert not (tmp_path / "smtpd.log.3").exists()
+    written = (tmp_path / "smtpd.log.1").read_text().replace("GEN0\n", "") + \
+        (path.read_text() if path.exists() else "")
+    assert sorted(lines(written)) == ["child", "parent"]        # nothing lost either
+
+
+def test_a_file_moved_away_is_followed_within_a_second(tmp_path, monkeypatch):
+    """logrotate (or another process) renamed smtpd.log: the next line after a second goes
+    to a new smtpd.log."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    path = tmp_path / "smtpd.log"
+    log = Log("INFO", console=False)
+    log.open_file(str(path))
+    log.info("before")
+    os.rename(path, tmp_path / "smtpd.log.1")
+    log.info("same second")                         # not looked at yet: the old file
+    clock[0] += 1.5
+    log.info("after")
+    log.close()
+    assert lines((tmp_path / "smtpd.log.1").read_text()) == ["before", "same second"]
+    assert lines(path.read_text()) == ["after"]
