@@ -82,9 +82,13 @@ def flush_queue(config):
     owner = spool.owner()
     lock = spool.lock()
     if lock is None:
-        os.kill(owner or spool.owner(), signal.SIGUSR1)
-        print(f"smtpd: asked the running server (pid {owner or spool.owner()}) "
-              "to deliver the queue now")
+        holder = owner or spool.owner()
+        try:
+            os.kill(holder, signal.SIGUSR1)
+        except ProcessLookupError:          # its children still hold the lock (processes.py)
+            return fail(f"smtpd: the server that holds the spool (pid {holder}) has ended, "
+                        "and its processes are stopping; try again in a few seconds")
+        print(f"smtpd: asked the running server (pid {holder}) to deliver the queue now")
         return 0
     lock.close()                            # MailSystem.start takes it again
     log = Log(config.log_level)

@@ -68,8 +68,12 @@ class MailSystem:
         the forwarding key kept there."""
         self._spool_lock = self.spool.lock()
         if self._spool_lock is None:
-            raise StorageError(f"spool {self.spool.directory} is in use by process "
-                               f"{self.spool.owner()}")
+            owner = self.spool.owner()
+            if owner and not self.spool.running(owner):
+                raise StorageError(f"spool {self.spool.directory} is in use by the processes "
+                                   f"of a server that has ended (pid {owner}); they stop "
+                                   "within a few seconds")
+            raise StorageError(f"spool {self.spool.directory} is in use by process {owner}")
         self.router.forwarder = Forwarder.for_spool(self.spool.directory)
         return self
 
@@ -88,12 +92,6 @@ class MailSystem:
         self.outbound = outbound
         self.bouncer = Bouncer(self.config.hostname, self.router, self.submit_message,
                                self.log)
-
-    def claim_spool(self):
-        """The process that took the spool lock has gone and this one, holding it too, goes
-        on for a while: the lock now names this one (what --flush and a second start see)."""
-        if self._spool_lock:
-            self.spool.claim(self._spool_lock)
 
     def leave_spool(self):
         """Close this process's copy of the spool lock (a forked process: the lock stays

@@ -599,11 +599,7 @@ def run_queue_process(server, channel, stop):
         elif say is Say.PROCESS_ENDED and sessions is not None:
             sessions.process_ended(*arguments)
 
-    def supervisor_gone():
-        system.claim_spool()                # until this process has stopped delivering
-        stop.set()
-
-    SupervisorLink(channel, handle, supervisor_gone).start()
+    SupervisorLink(channel, handle, stop.set).start()
     _wait_for(stop)
     server.wind_down()
     return 0

@@ -336,6 +336,18 @@ class Spool:
         lock_file.write(f"{os.getpid()}\n")
         lock_file.flush()
 
+    @staticmethod
+    def running(pid):
+        """Whether process `pid` still runs. A lock can outlive the process named in it: the
+        children of a killed server ([server] processes) hold it until they have stopped."""
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:                 # someone else's: it runs
+            pass
+        return True
+
     def owner(self):
         """The pid of the process holding the spool lock, or None."""
         try:
