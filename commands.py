@@ -92,8 +92,12 @@ def flush_queue(config):
         return 0
     lock.close()                            # MailSystem.start takes it again
     log = Log(config.log_level)
+    # As the server starts (daemon.py): what is loaded lazily, the Public Suffix List and
+    # the DKIM keys are read while still root; after the drop they may be unreadable
+    daemon.preload()
+    system = MailSystem(config, log)
     daemon.drop_privileges(config, log)
-    system = MailSystem(config, log).start()
+    system.start()
     try:
         system.queue.wait_for_one_pass(system.queue.flush())
     finally:

@@ -293,6 +293,24 @@ def test_queue_and_flush_talk_to_the_running_server(sandbox):
     assert server.stop() == 0
 
 
+def test_flush_with_no_server_running_delivers_as_the_run_user(sandbox):
+    """`sudo python smtpd.py --flush` with the server stopped: one delivery attempt as
+    nobody, whose Python (here under a 0700 /root) must have been loaded while still root."""
+    mx = sandbox.mx("127.0.0.4", rcpt=("450 4.2.0 busy", "250 2.1.5 ok"))
+    server = sandbox.start({"relay.routes": route("remote.test", mx), "relay.retry": "3600"})
+    code, lines = send(server, "alice@test.ru", ["bob@remote.test"], text("flushed offline"))
+    assert code == 250, lines
+    assert "450 4.2.0" in sandbox.wait_for_listing(lambda listing: "450 4.2.0" in listing)
+    assert server.stop() == 0
+
+    rc, out, err = sandbox.run_cli("--flush")
+    assert rc == 0 and "Traceback" not in err, out + err
+    assert mx.wait_for(1, timeout=15), out + err
+    assert b"Subject: flushed offline" in mx.messages[-1][2]
+    assert "Mail queue is empty" in out or "bob@remote.test" not in out, out
+    assert sandbox.queued() == []
+
+
 # ---------------------------------------------------------------------------------------
 # 9. SIGTERM
 
