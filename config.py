@@ -366,8 +366,11 @@ class _Reader:
 
     def processes(self, section, key):
         """A number of processes, or `auto`: one per core."""
-        if self.raw(section, key).strip().lower() == "auto":
+        word = self.raw(section, key).strip().lower()
+        if word == "auto":
             return len(os.sched_getaffinity(0))         # the cores this process may use
+        if not word.isdigit():
+            self.fail(section, key, "not a number of processes (1 to 256) or auto")
         return self.integer(section, key, minimum=1, maximum=256)
 
     def number(self, section, key, minimum=None):

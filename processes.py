@@ -411,9 +411,10 @@ class RemoteAdmission:
     are numbered, so that an answer that comes after its question was given up on is not
     taken for the next one's (and the place it granted is given back)."""
 
-    def __init__(self, link, config):
+    def __init__(self, link, config, log):
         self.link = link
         self.config = config
+        self.log = log
         self.answers = queue.SimpleQueue()      # (question number, None or the 421)
         self.asked = 0
         self.given_up = {}                      # question number -> ip
@@ -424,8 +425,8 @@ class RemoteAdmission:
         with self.lock:
             self.asked += 1
             number = self.asked
-            if not self.link.send(Say.ADMIT, number, ip):
-                return self._unavailable()
+            if not self.link.send(Say.ADMIT, number, ip):       # the supervisor has gone
+                return replies.SHUTTING_DOWN.format(hostname=self.config.hostname)
             deadline = time.monotonic() + ADMIT_TIMEOUT
             while True:
                 try:
@@ -433,7 +434,9 @@ class RemoteAdmission:
                         timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     self.given_up[number] = ip
-                    return self._unavailable()
+                    self.log.error("the supervisor did not answer within %.0f s whether %s "
+                                   "may start a session", ADMIT_TIMEOUT, ip)
+                    return replies.UNAVAILABLE.format(hostname=self.config.hostname)
                 if answered == number:
                     return refusal
                 late_ip = self.given_up.pop(answered, None)
@@ -442,9 +445,6 @@ class RemoteAdmission:
 
     def answered(self, number, refusal):
         self.answers.put((number, refusal))
-
-    def _unavailable(self):
-        return replies.SHUTTING_DOWN.format(hostname=self.config.hostname)
 
     def release(self, ip):
         self.link.send(Say.RELEASE, ip)
@@ -571,7 +571,7 @@ def run_accepting_process(server, channel, stop):
         stop.set()
 
     link = SupervisorLink(channel, handle, supervisor_gone)
-    admission = RemoteAdmission(link, server.config)
+    admission = RemoteAdmission(link, server.config, server.log)
     hub = ForwardingHub(link) if server.events is not None else None
     server.become_accepting_process(admission, hub, Handoff(link))
     link.start()

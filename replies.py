@@ -79,6 +79,8 @@ TOO_MANY_REJECTED = Reply(421, "4.7.0", "{hostname} too many refused recipients,
                           "connection", "RFC 5321 4.3.2", CLOSE)
 SHUTTING_DOWN = Reply(421, "4.3.2", "{hostname} shutting down, try again later",
                       "RFC 5321 3.8", CLOSE)
+UNAVAILABLE = Reply(421, "4.3.0", "{hostname} service not available, try again later",
+                    "RFC 5321 3.8", CLOSE)      # [server] processes: no answer from the supervisor
 NOT_HTTP = Reply(421, "4.7.0", "{hostname} this is an SMTP server, not a web server",
                  "RFC 5321 4.3.2", CLOSE)
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error, transaction discarded; try again later",

@@ -346,13 +346,15 @@ def test_processes_auto_starts_one_accepting_process_per_core(sandbox):
     assert server.stop() == 0
 
 
-@pytest.mark.parametrize("value", ["0", "lots"])
-def test_a_bad_processes_value_is_refused_with_one_line(sandbox, value):
+@pytest.mark.parametrize("value, problem", [("0", "must be at least 1"),
+                                            ("lots", "not a number of processes (1 to 256) "
+                                                     "or auto")])
+def test_a_bad_processes_value_is_refused_with_one_line(sandbox, value, problem):
     rc, stderr = sandbox.start_expecting_exit({"server.processes": value})
     assert rc != 0
     lines = nonblank_lines(stderr)
     assert len(lines) == 1 and "[server] processes" in lines[0], stderr
-    assert value in lines[0], lines
+    assert value in lines[0] and problem in lines[0], lines
 
 
 # ---------------------------------------------------------------------------------------
@@ -640,6 +642,23 @@ def test_a_stopped_queue_process_holds_up_no_session_and_loses_no_web_line(sandb
     assert wait_until(lambda: f"\nsmtpd_messages_accepted_total {sessions}\n".encode()
                       in web_json(port, "/metrics"), 10), \
         [line for line in web_json(port, "/metrics").split(b"\n") if b"accepted" in line]
+    assert server.stop() == 0
+
+
+def test_a_supervisor_that_does_not_answer_gets_clients_a_421_and_a_log_line(sandbox):
+    """The supervisor stopped (SIGSTOP): after 10 s of waiting for its admission a client
+    gets 421 4.3.0, not "shutting down", and the log says why. Once it goes on, its late
+    answer's place is given back: with one place per address the next client is greeted."""
+    server = sandbox.start({**TWO, "server.max_clients_per_ip": "1"})
+    process_tree(server, 2)
+    with paused([server.pid]):
+        with Client(server.address, timeout=20) as client:
+            assert client.greeting[0] == 421, client.greeting
+            assert client.greeting[1][0].startswith("421 4.3.0 "), client.greeting
+    assert log_waits_for(sandbox, r"the supervisor did not answer within 10 s whether "
+                                  r"127\.0\.0\.1 may start a session$"), sandbox.log_text()
+    with greeted_within(lambda: Client(server.address, timeout=5)) as client:
+        assert client.greeting[0] == 220, client.greeting
     assert server.stop() == 0
 
 
