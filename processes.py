@@ -22,7 +22,7 @@ message per send); what is for the queue process the supervisor passes on:
 A child that ends unexpectedly is forked again and the places its clients held are freed;
 what it stored is in the spool, and a new queue process takes up the whole spool. The
 supervisor never starts a thread, so no fork copies a lock that another thread holds. On
-SIGTERM or SIGINT it stops the accepting processes (each lets sessions in DATA finish, as one
+SIGTERM, SIGINT or SIGHUP it stops the accepting processes (each lets sessions in DATA finish, as one
 process does), then the queue process.
 
 Every child keeps its inherited copy of the spool lock (flock(2): one lock, held until its
@@ -213,7 +213,8 @@ class Supervisor:
         try:
             stop = threading.Event()
             signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)       # a terminal's ^C and hang-up
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)       # reach every process
             signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             for child in self.children.values():   # the other children's channels
@@ -236,8 +237,8 @@ class Supervisor:
         wake_read.setblocking(False)
         wake_write.setblocking(False)
         signal.set_wakeup_fd(wake_write.fileno())
-        signal.signal(signal.SIGINT, self._request_stop)
-        signal.signal(signal.SIGTERM, self._request_stop)
+        for stopping in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(stopping, self._request_stop)
         signal.signal(signal.SIGUSR1, self._request_flush)
         while self.children or self.restarts:
             self._act_on_signals()

@@ -117,6 +117,11 @@ class QueueRunner:
         deadline = time.monotonic() + grace
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        cut_off = sum(1 for thread in self._threads if thread.is_alive())
+        if cut_off:
+            self.log.info("stopping: %d deliveries still under way are cut off; their "
+                          "messages stay queued (one sent to its last dot may arrive twice)",
+                          cut_off)
         self.connections.close()
 
     def watch(self, hub):

@@ -40,6 +40,8 @@ from sessionlog import SessionLog, format_peer, loggable
 from storage import StorageError
 from users import UsersFileError
 
+CUT_OFF_WAIT = 1.0      # seconds for sessions cut off at shutdown to log their end
+
 # The pseudo-verbs whose 250 means "stored" (RFC 5321 6.1), for the web view's counters
 MESSAGE_ENDS = frozenset({state.END_OF_DATA, state.END_OF_LAST_CHUNK})
 
@@ -137,7 +139,7 @@ class SessionRunner:
             progress = lambda octets: self.log.trace(f"DATA: {octets} octets so far")
         text, envelope = self.session.text, self.session.envelope
         if not self.connection.read_text(text, progress):
-            self.log.info("client left during DATA; nothing stored")
+            self.log.info("%s during DATA; nothing stored", self._why_gone())
             return None
         size = "over the limit" if text.oversize else f"{text.size} octets"
         self.log.received(f"(message text, {size})")
@@ -151,10 +153,14 @@ class SessionRunner:
         its reply (RFC 3030 2)."""
         text, envelope = self.session.text, self.session.envelope
         if not self.connection.read_chunk(octets, text):
-            self.log.info("client left during BDAT; nothing stored")
+            self.log.info("%s during BDAT; nothing stored", self._why_gone())
             return None
         self.log.received(f"(BDAT chunk, {octets} octets)")
         return self._stored(self.run_step(state.receive_chunk), envelope, text)
+
+    def _why_gone(self):
+        return "cut off at the end of the shutdown grace" \
+            if self.listener.shutdown_signal.is_set() else "client left"
 
     def _stored(self, reply, envelope, text):
         """Count a message the reply says was stored (RFC 5321 6.1: the 250 after the end of
@@ -497,8 +503,8 @@ class Server:
         def request_flush(signum, frame):
             threading.Thread(target=self.system.queue.flush, daemon=True).start()
 
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
+        for stopping in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # HUP: a closed
+            signal.signal(stopping, request_stop)       # terminal; nothing needs reloading
         signal.signal(signal.SIGUSR1, request_flush)
         while not stop_requested.wait(3600):
             pass
@@ -526,6 +532,9 @@ class Server:
                                self.config.timeout if grace is None else grace)
         for listener in self.listeners:
             listener.end_sessions()
+        # the cut-off sessions' threads log why they ended before the process goes
+        self.shutdown.wait_for(lambda: not any(listener.sessions for listener in self.listeners),
+                               CUT_OFF_WAIT)
         if self.web:
             self.web.stop()
         self.system.stop()

@@ -534,6 +534,36 @@ def test_sigterm_lets_data_finish_says_421_to_idle_sessions_and_leaves_no_child(
     assert len(stored) == 1 and b"second half" in stored[0]
 
 
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_sighup_stops_like_sigterm_and_a_session_past_the_grace_is_logged(sandbox, processes):
+    """A closed terminal sends SIGHUP to every process: the server stops as on SIGTERM
+    (nothing needs reloading). A session still in DATA after the grace ([server] timeout,
+    5 s here) is cut off, and the log says so rather than that the client left."""
+    server = sandbox.start({"server.processes": processes})
+    children_of_it = process_tree(server, 2).children if processes == "2" else []
+    with Client(server.address) as busy:
+        assert busy.code("EHLO busy.example") == 250
+        assert busy.code("MAIL FROM:<bob@test.ru>") == 250
+        assert busy.code("RCPT TO:<alice@test.ru>") == 250
+        assert busy.code("DATA") == 354
+        for pid in [server.pid, *children_of_it]:       # as a terminal's hang-up does
+            os.kill(pid, signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        try:
+            while server.returncode is None and time.monotonic() < deadline:
+                busy.send("a line every second, never the end\r\n")
+                time.sleep(1)
+        except OSError:
+            pass
+    assert server.wait_exit() == 0, server.stderr_text(last=30)
+    assert not [pid for pid in children_of_it if running(pid)]
+    log = sandbox.log_text()
+    assert "cut off at the end of the shutdown grace during DATA; nothing stored" in log, \
+        log[-1500:]
+    assert nonblank_lines(log)[-1].endswith(" stopped"), log[-1500:]
+    assert sandbox.maildir_messages("alice@test.ru") == []
+
+
 def test_children_of_a_killed_supervisor_exit_and_free_the_port_and_spool(sandbox):
     server = sandbox.start(TWO)
     tree = process_tree(server, 2)
