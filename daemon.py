@@ -6,7 +6,8 @@
    `email` modules, dnspython's record types, codecs, dkimpy, the MTA-STS fetch; the Public
    Suffix List and the DKIM keys are read when the mail system is built): after the drop the
    interpreter's own files may be unreadable (a venv or pyenv in a 0700 home directory).
-2. Create the data directories that are missing, and bind the listening sockets.
+2. Create the data directories that are missing; stop if another server holds the spool;
+   bind the listening sockets.
 3. Started as root: hand what it created (and only that) to `[server] user`, and become it,
    as Postfix and OpenSMTPD do. `user = root` keeps root on purpose.
 4. Check, as the run user, that the users file, the certificate and key are readable and
@@ -21,10 +22,12 @@ import bounce
 import dkimsign
 import dkimverify
 import durable
+import mailsystem
 import mtasts
 import resolver
 from config import ConfigError
 from log import Log
+from spool import Spool
 
 
 class StartupError(Exception):
@@ -59,6 +62,9 @@ def start_service(config, make_server):
         import mailview
         mailview.preload()
     created = prepare_directories(config)
+    spool = Spool(config.spool)
+    if spool.held_by_another():             # before the ports: the line must say why
+        raise mailsystem.spool_in_use(spool)
     try:
         server = make_server(config, log)
     except OSError as error:

@@ -68,12 +68,7 @@ class MailSystem:
         the forwarding key kept there."""
         self._spool_lock = self.spool.lock()
         if self._spool_lock is None:
-            owner = self.spool.owner()
-            if owner and not self.spool.running(owner):
-                raise StorageError(f"spool {self.spool.directory} is in use by the processes "
-                                   f"of a server that has ended (pid {owner}); they stop "
-                                   "within a few seconds")
-            raise StorageError(f"spool {self.spool.directory} is in use by process {owner}")
+            raise spool_in_use(self.spool)
         self.router.forwarder = Forwarder.for_spool(self.spool.directory)
         return self
 
@@ -197,6 +192,15 @@ class MailSystem:
         draft = self.open_message(envelope)
         draft.write(message)
         return self.submit(draft)
+
+
+def spool_in_use(spool):
+    """The StorageError for a spool another process holds, naming it."""
+    owner = spool.owner()
+    if owner and not spool.running(owner):
+        return StorageError(f"spool {spool.directory} is in use by the processes of a server "
+                            f"that has ended (pid {owner}); they stop within a few seconds")
+    return StorageError(f"spool {spool.directory} is in use by process {owner}")
 
 
 def _with_line_end(headers):

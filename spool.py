@@ -328,6 +328,21 @@ class Spool:
         self.claim(lock_file)
         return lock_file
 
+    def held_by_another(self):
+        """True when another process holds the lock now. Creates nothing (a start asks this
+        as root, before binding, so that its one line names the spool, not a port)."""
+        try:
+            lock_file = open(os.path.join(self.directory, ".lock"))
+        except OSError:
+            return False
+        with lock_file:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+            return False
+
     @staticmethod
     def claim(lock_file):
         """Name this process in the lock it holds (the one `owner()` reports)."""

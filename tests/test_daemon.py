@@ -311,6 +311,18 @@ def test_flush_with_no_server_running_delivers_as_the_run_user(sandbox):
     assert sandbox.queued() == []
 
 
+def test_a_second_server_on_the_same_spool_is_refused_with_one_line_naming_it(sandbox):
+    """Same spool, same web port, another SMTP port: the line is about the spool (checked
+    before any port is bound), not a web port "already in use"."""
+    web = f"127.0.0.1:{free_port(['127.0.0.1'])}"
+    first = sandbox.start({"web.listen": web})
+    rc, stderr = sandbox.start_expecting_exit(port=free_port(["127.0.0.1"]))
+    assert rc != 0 and "Traceback" not in stderr, stderr
+    assert nonblank_lines(stderr)[-1] == \
+        f"smtpd: spool {sandbox.spool} is in use by process {first.pid}", stderr
+    assert first.stop() == 0
+
+
 # ---------------------------------------------------------------------------------------
 # 9. SIGTERM
 
