@@ -16,6 +16,7 @@ message per send); what is for the queue process the supervisor passes on:
     RELEASE ip        accepting -> supervisor: that client's session has ended
     QUEUE name        accepting -> supervisor -> queue: a spool file, durable, to deliver
     SESSION ...       accepting -> supervisor -> queue: a session's line, for the web view
+                      (remotesessions.py)
     PROCESS_ENDED n   supervisor -> queue: accepting process n has gone, and its sessions
     FLUSH             supervisor -> queue: --flush (SIGUSR1) came
 
@@ -44,14 +45,13 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import replies
 from admission import Admission
+from remotesessions import DROPPABLE, ForwardingHub, RemoteSessions
 from sessionlog import format_peer
 
-MESSAGE_LIMIT = 1 << 16         # octets in one message; a session's line is cut to fit
-LINE_LIMIT = 4096               # characters of a command line forwarded to the web view
+MESSAGE_LIMIT = 1 << 16         # octets in one message (remotesessions.py cuts lines to fit)
 RESTART_DELAY = 1.0             # a child that lived shorter than this waits before a restart
 ADMIT_TIMEOUT = 10.0            # seconds an accepting process waits for the supervisor
 STOP_MARGIN = 10.0              # seconds past the grace period before a child is killed
@@ -208,7 +208,7 @@ class Supervisor:
 
     def _run_child(self, role, number, channel):
         """In the forked process: never returns. SIGTERM (or the supervisor's end) stops it;
-        SIGINT is the supervisor's to act on."""
+        SIGINT and SIGHUP are the supervisor's to act on."""
         code = 1
         try:
             stop = threading.Event()
@@ -243,9 +243,9 @@ class Supervisor:
         while self.children or self.restarts:
             self._act_on_signals()
             self._restart_due()
-            waiting = [number for number, child in self.children.items()
-                       if child.outbox.waiting]
-            readable, writable, _ = select.select([wake_read, *self.children], waiting, [],
+            behind = [fileno for fileno, child in self.children.items()
+                      if child.outbox.waiting]
+            readable, writable, _ = select.select([wake_read, *self.children], behind, [],
                                                   self._wait())
             for ready in writable:
                 if ready in self.children:
@@ -461,103 +461,6 @@ class Handoff:
         self.link.send(Say.QUEUE, spool_name)      # if lost, the next queue process finds it
 
 
-class Operation(enum.Enum):
-    """What happened in a forwarded session: events.SessionRecord's method of that name."""
-    OPEN = "open"
-    RECEIVED = "received"
-    SENT = "sent"
-    MOVED = "moved"
-    NOTE = "note"
-    ACCEPTED = "accepted"
-    CLOSE = "close"
-
-
-# What an Outbox may drop when the queue process falls behind: a line, not a session's start
-# or end, nor its counters
-DROPPABLE = frozenset({Operation.RECEIVED, Operation.SENT, Operation.MOVED, Operation.NOTE})
-
-
-class ForwardingHub:
-    """events.Hub's session side in an accepting process: each session's lines go to the
-    queue process, where the web view's Hub keeps them (RemoteSessions)."""
-
-    def __init__(self, link):
-        self.link = link
-
-    def open_session(self, session, peer):
-        record = ForwardedRecord(self.link, session)
-        record.forward(Operation.OPEN, peer)
-        return record
-
-    def close_session(self, record):
-        record.forward(Operation.CLOSE)
-
-
-class ForwardedRecord:
-    """What sessionlog.SessionLog writes to, as it would to an events.SessionRecord."""
-
-    def __init__(self, link, session):
-        self.link = link
-        self.session = session
-
-    def forward(self, operation, *arguments):
-        session = self.session
-        self.link.send(Say.SESSION, session.id, operation, arguments, session.state,
-                       session.helo)
-
-    def received(self, text):
-        self.forward(Operation.RECEIVED, text[:LINE_LIMIT])
-
-    def sent(self, reply, transition=None):
-        self.forward(Operation.SENT, reply, transition)
-
-    def moved(self, transition):
-        self.forward(Operation.MOVED, transition)
-
-    def note(self, text):
-        self.forward(Operation.NOTE, text[:LINE_LIMIT])
-
-    def accepted(self, local_copies, octets):
-        self.forward(Operation.ACCEPTED, local_copies, octets)
-
-
-@dataclass
-class RemoteSession:
-    """What events.SessionRecord reads of a session that runs in another process."""
-    id: str
-    state: str
-    helo: Optional[str]
-
-
-class RemoteSessions:
-    """In the queue process: the sessions of the accepting processes, in the web view's Hub."""
-
-    def __init__(self, hub):
-        self.hub = hub
-        self.records = {}       # (process number, session id) -> (RemoteSession, SessionRecord)
-
-    def apply(self, number, session_id, operation, arguments, state, helo):
-        key = (number, session_id)
-        if operation is Operation.OPEN:
-            session = RemoteSession(session_id, state, helo)
-            self.records[key] = (session, self.hub.open_session(session, *arguments))
-            return
-        if key not in self.records:
-            return
-        session, record = self.records[key]
-        session.state, session.helo = state, helo
-        if operation is Operation.CLOSE:
-            del self.records[key]
-            self.hub.close_session(record)
-            return
-        getattr(record, operation.value)(*arguments)
-
-    def process_ended(self, number):
-        for key in [key for key in self.records if key[0] == number]:
-            _, record = self.records.pop(key)
-            self.hub.close_session(record)
-
-
 def run_accepting_process(server, channel, stop):
     admission = None
     orphaned = threading.Event()
@@ -573,7 +476,8 @@ def run_accepting_process(server, channel, stop):
 
     link = SupervisorLink(channel, handle, supervisor_gone)
     admission = RemoteAdmission(link, server.config, server.log)
-    hub = ForwardingHub(link) if server.events is not None else None
+    hub = ForwardingHub(lambda *fields: link.send(Say.SESSION, *fields)) \
+        if server.events is not None else None
     server.become_accepting_process(admission, hub, Handoff(link))
     link.start()
     server.start_accepting(announce=False)
