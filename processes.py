@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass, field
 
 import replies
+import signals
 from admission import Admission
 from remotesessions import DROPPABLE, ForwardingHub, RemoteSessions
 from sessionlog import format_peer
@@ -170,7 +171,7 @@ class Supervisor:
         self.admission = Admission(config)
         self.children = {}                      # channel fileno -> Child
         self.restarts = []                      # (when, role, number) of children to fork
-        self.wakeup = ()                        # the socketpair signals wake select() with
+        self.signals = None                     # signals.Signals, while the loop runs
         self.stop_requested = False
         self.flush_requested = False
         self.stopping_since = None              # when SIGTERM went to the accepting processes
@@ -196,34 +197,37 @@ class Supervisor:
         self.log.flush()
         sys.stdout.flush()
         sys.stderr.flush()
+        # until the child has its own Signals, a signal for it must wait (not be taken for
+        # the supervisor's through the wakeup descriptor they share)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals.HANDLED)
         pid = os.fork()
         if pid == 0:
             ours.close()
-            self._run_child(role, number, Channel(theirs))
+            self._run_child(role, number, Channel(theirs), mask)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
         channel = Channel(ours)
         child = Child(role, number, pid, channel, Outbox(channel), time.monotonic())
         self.children[child.channel.fileno()] = child
         return child
 
-    def _run_child(self, role, number, channel):
+    def _run_child(self, role, number, channel, mask):
         """In the forked process: never returns. SIGTERM (or the supervisor's end) stops it;
-        SIGINT and SIGHUP are the supervisor's to act on."""
+        SIGINT and SIGHUP are the supervisor's to act on. `mask`: the signal mask to restore."""
         code = 1
         try:
-            stop = threading.Event()
-            signal.set_wakeup_fd(-1)
+            if self.signals:
+                self.signals.close()
             signal.signal(signal.SIGINT, signal.SIG_IGN)       # a terminal's ^C and hang-up
             signal.signal(signal.SIGHUP, signal.SIG_IGN)       # reach every process
-            signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            signal.signal(signals.FLUSH, signal.SIG_IGN)
+            sigterm = signals.Signals([signal.SIGTERM])
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             for child in self.children.values():   # the other children's channels
                 child.channel.close()
-            for sock in self.wakeup:
-                sock.close()
             self.log.reopen_after_fork()
             run = run_queue_process if role is Role.QUEUE else run_accepting_process
-            code = run(self.server, channel, stop)
+            code = run(self.server, channel, sigterm)
         except BaseException:
             self.log.error("%s failed", role.value, exc_info=True)
         finally:
@@ -233,39 +237,33 @@ class Supervisor:
     # the loop
 
     def run_until_signalled(self):
-        wake_read, wake_write = self.wakeup = socket.socketpair()
-        wake_read.setblocking(False)
-        wake_write.setblocking(False)
-        signal.set_wakeup_fd(wake_write.fileno())
-        for stopping in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(stopping, self._request_stop)
-        signal.signal(signal.SIGUSR1, self._request_flush)
+        self.signals = signals.Signals(signals.HANDLED)
         while self.children or self.restarts:
             self._act_on_signals()
             self._restart_due()
             behind = [fileno for fileno, child in self.children.items()
                       if child.outbox.waiting]
-            readable, writable, _ = select.select([wake_read, *self.children], behind, [],
+            readable, writable, _ = select.select([self.signals, *self.children], behind, [],
                                                   self._wait())
             for ready in writable:
                 if ready in self.children:
                     self.children[ready].outbox.flush()
             for ready in readable:
-                if ready is wake_read:
-                    _drain(wake_read)
+                if ready is self.signals:
+                    self._note(self.signals.take())
                 elif ready in self.children:        # not reaped meanwhile
                     self._receive(self.children[ready])
-        signal.set_wakeup_fd(-1)
+        self.signals.close()
         self.system.leave_spool()
         self.log.info("stopped")
         self.log.close()
         return 0
 
-    def _request_stop(self, signum, frame):
-        self.stop_requested = True
-
-    def _request_flush(self, signum, frame):
-        self.flush_requested = True
+    def _note(self, numbers):
+        if signals.FLUSH in numbers:
+            self.flush_requested = True
+        if any(number in signals.STOP for number in numbers):
+            self.stop_requested = True
 
     def _act_on_signals(self):
         if self.flush_requested:
@@ -367,14 +365,6 @@ class Supervisor:
             self.log.info("%s started again (pid %d)", child.name, child.pid)
 
 
-def _drain(sock):
-    try:
-        while sock.recv(512):
-            pass
-    except BlockingIOError:
-        pass
-
-
 def _describe(status):
     if os.WIFSIGNALED(status):
         return f"killed by signal {os.WTERMSIG(status)}"
@@ -461,7 +451,7 @@ class Handoff:
         self.link.send(Say.QUEUE, spool_name)      # if lost, the next queue process finds it
 
 
-def run_accepting_process(server, channel, stop):
+def run_accepting_process(server, channel, sigterm):
     admission = None
     orphaned = threading.Event()
 
@@ -472,7 +462,7 @@ def run_accepting_process(server, channel, stop):
 
     def supervisor_gone():
         orphaned.set()
-        stop.set()
+        sigterm.interrupt()
 
     link = SupervisorLink(channel, handle, supervisor_gone)
     admission = RemoteAdmission(link, server.config, server.log)
@@ -481,14 +471,14 @@ def run_accepting_process(server, channel, stop):
     server.become_accepting_process(admission, hub, Handoff(link))
     link.start()
     server.start_accepting(announce=False)
-    _wait_for(stop)
+    _wait_for(sigterm, orphaned)
     # Without a supervisor nobody restarts the server while this process holds the spool:
     # sessions in DATA get a short grace, not the idle timeout
     server.wind_down(min(ORPHAN_GRACE, server.config.timeout) if orphaned.is_set() else None)
     return 0
 
 
-def run_queue_process(server, channel, stop):
+def run_queue_process(server, channel, sigterm):
     server.become_queue_process()
     system = server.system
     sessions = RemoteSessions(server.events) if server.events is not None else None
@@ -504,12 +494,19 @@ def run_queue_process(server, channel, stop):
         elif say is Say.PROCESS_ENDED and sessions is not None:
             sessions.process_ended(*arguments)
 
-    SupervisorLink(channel, handle, stop.set).start()
-    _wait_for(stop)
+    gone = threading.Event()
+
+    def supervisor_gone():
+        gone.set()
+        sigterm.interrupt()
+
+    SupervisorLink(channel, handle, supervisor_gone).start()
+    _wait_for(sigterm, gone)
     server.wind_down()
     return 0
 
 
-def _wait_for(stop):
-    while not stop.wait(3600):
+def _wait_for(sigterm, supervisor_gone):
+    """Until SIGTERM (`sigterm`: its signals.Signals) or the supervisor's end."""
+    while signal.SIGTERM not in sigterm.wait() and not supervisor_gone.is_set():
         pass

@@ -13,7 +13,6 @@ import functools
 import os
 import queue
 import selectors
-import signal
 import socket
 import socketserver
 import ssl
@@ -29,6 +28,7 @@ import events
 import explain
 import processes
 import replies
+import signals
 import state
 from admission import Admission
 from aliases import AliasError
@@ -494,20 +494,16 @@ class Server:
         self.start_web()
 
     def run_until_signalled(self):
-        """SIGINT/SIGTERM stop the server; SIGUSR1 makes the queue due now (--flush)."""
-        stop_requested = threading.Event()
-
-        def request_stop(signum, frame):
-            stop_requested.set()
-
-        def request_flush(signum, frame):
-            threading.Thread(target=self.system.queue.flush, daemon=True).start()
-
-        for stopping in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # HUP: a closed
-            signal.signal(stopping, request_stop)       # terminal; nothing needs reloading
-        signal.signal(signal.SIGUSR1, request_flush)
-        while not stop_requested.wait(3600):
-            pass
+        """SIGINT/SIGTERM/SIGHUP stop the server; SIGUSR1 makes the queue due now (--flush).
+        The main thread does nothing else (signals.py says why it waits that way)."""
+        arrived = signals.Signals(signals.HANDLED)
+        while True:
+            numbers = arrived.wait()
+            if signals.FLUSH in numbers:
+                threading.Thread(target=self.system.queue.flush, daemon=True).start()
+            if any(number in signals.STOP for number in numbers):
+                break
+        arrived.close()
         self.stop()
         return 0
 

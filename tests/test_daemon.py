@@ -348,6 +348,34 @@ def test_sigterm_says_421_to_idle_sessions_lets_data_finish_and_exits_0(sandbox)
     assert len(stored) == 1 and b"second half" in stored[0]
 
 
+def other_threads(pid):
+    """The ids of `pid`'s threads but its main one (/proc/<pid>/task)."""
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+
+
+def test_sigterm_taken_by_a_thread_other_than_the_main_one_stops_it(sandbox):
+    """The kernel gives a signal sent to the process to any of its threads; kill(2) with a
+    thread's id makes it that thread. Python runs handlers in the main thread only."""
+    server = sandbox.start()
+    threads = other_threads(server.pid)
+    assert threads, "the server runs an accept thread at least"
+    os.kill(threads[-1], signal.SIGTERM)
+    assert server.wait_exit() == 0, server.stderr_text(last=10)
+    assert sandbox.log_text().rstrip().endswith("stopped"), sandbox.log_text()[-500:]
+
+
+def test_sigusr1_taken_by_a_thread_other_than_the_main_one_flushes_the_queue(sandbox):
+    mx = sandbox.mx("127.0.0.4", rcpt=("450 4.2.0 busy", "250 2.1.5 ok"))
+    server = sandbox.start({"relay.routes": route("remote.test", mx), "relay.retry": "3600"})
+    code, lines = send(server, "alice@test.ru", ["bob@remote.test"], text("flushed by a thread"))
+    assert code == 250, lines
+    assert "450 4.2.0" in sandbox.wait_for_listing(lambda listing: "450 4.2.0" in listing)
+    os.kill(other_threads(server.pid)[-1], signal.SIGUSR1)
+    assert mx.wait_for(1, timeout=10), server.stderr_text(last=20)
+    assert b"Subject: flushed by a thread" in mx.messages[0][2]
+    assert server.stop() == 0
+
+
 # ---------------------------------------------------------------------------------------
 # 10. Another working directory, relative paths in the config file
 

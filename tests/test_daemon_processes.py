@@ -507,6 +507,23 @@ def test_a_killed_queue_process_is_restarted_and_mail_queued_meanwhile_is_delive
 # 9-10. Stopping; the supervisor killed
 
 
+def test_a_child_stops_on_a_sigterm_that_one_of_its_other_threads_took(sandbox):
+    """The supervisor's SIGTERM goes to the child process, and the kernel may give it to any
+    of its threads (kill(2) with a thread's id makes it that one); the child must still
+    stop, each one here is then started again."""
+    server = sandbox.start(TWO)
+    tree = process_tree(server, 2)
+    for pid in [tree.queue, *tree.accepting]:
+        threads = wait_until(lambda: [int(tid) for tid in os.listdir(f"/proc/{pid}/task")
+                                      if int(tid) != pid], timeout=10)
+        assert threads, f"process {pid} started no thread"      # started after its Signals
+        os.kill(threads[-1], signal.SIGTERM)
+        ended = log_waits_for(sandbox, rf"^.* \(pid {pid}\) ended unexpectedly "
+                                       r"\(exit status 0\); starting it again$")
+        assert ended, sandbox.log_text()[-2000:]
+    assert server.stop() == 0
+
+
 def test_sigterm_lets_data_finish_says_421_to_idle_sessions_and_leaves_no_child(sandbox):
     server = sandbox.start(TWO)
     tree = process_tree(server, 2)
