@@ -200,11 +200,13 @@ class Supervisor:
         # until the child has its own Signals, a signal for it must wait (not be taken for
         # the supervisor's through the wakeup descriptor they share)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals.HANDLED)
-        pid = os.fork()
-        if pid == 0:
-            ours.close()
-            self._run_child(role, number, Channel(theirs), mask)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                ours.close()
+                self._run_child(role, number, Channel(theirs), mask)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         theirs.close()
         channel = Channel(ours)
         child = Child(role, number, pid, channel, Outbox(channel), time.monotonic())

@@ -32,9 +32,10 @@ class Signals:
         self._read, self._write = socket.socketpair()
         self._read.setblocking(False)
         self._write.setblocking(False)
+        # the descriptor first: a signal between the two must find its number written
+        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
         for number in numbers:
             signal.signal(number, _arrived)
-        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
 
     def fileno(self):
         """For a select() of the caller's own: readable when a signal has arrived."""
