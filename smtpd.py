@@ -138,7 +138,7 @@ class SessionRunner:
             self.log.trace("reading message text until <CRLF>.<CRLF> (RFC 5321 4.1.1.4)")
             progress = lambda octets: self.log.trace(f"DATA: {octets} octets so far")
         text, envelope = self.session.text, self.session.envelope
-        if not self.connection.read_text(text, progress):
+        if not self._read_unless_cut_off(self.connection.read_text, text, progress):
             self.log.info("%s during DATA; nothing stored", self._why_gone())
             return None
         size = "over the limit" if text.oversize else f"{text.size} octets"
@@ -152,11 +152,22 @@ class SessionRunner:
         """Read a BDAT chunk into the message (or drop it, when BDAT was refused) and return
         its reply (RFC 3030 2)."""
         text, envelope = self.session.text, self.session.envelope
-        if not self.connection.read_chunk(octets, text):
+        if not self._read_unless_cut_off(self.connection.read_chunk, octets, text):
             self.log.info("%s during BDAT; nothing stored", self._why_gone())
             return None
         self.log.received(f"(BDAT chunk, {octets} octets)")
         return self._stored(self.run_step(state.receive_chunk), envelope, text)
+
+    def _read_unless_cut_off(self, read, *arguments):
+        """read(*arguments), False when the client has gone; also when this server cut the
+        session off at the end of the shutdown grace and the client's next octets then met the
+        closed socket (a reset, not an end of file)."""
+        try:
+            return read(*arguments)
+        except ConnectionResetError:
+            if self.listener.shutdown_signal.is_set():
+                return False
+            raise
 
     def _why_gone(self):
         return "cut off at the end of the shutdown grace" \
