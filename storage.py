@@ -85,9 +85,10 @@ class Maildir:
         self._known.add(folder)
 
     def unique_name(self):
-        """time.M<usec>P<pid>Q<n>.host, unique per the Maildir spec."""
+        """time.M<usec>P<pid>Q<n>.host, unique per the Maildir spec; the microseconds in six
+        digits, so that names of one process sort in the order it delivered them."""
         now = time.time()
-        return (f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}"
+        return (f"{int(now)}.M{int(now % 1 * 1e6):06d}P{os.getpid()}"
                 f"Q{next(_DELIVERIES)}.{self._host}")
 
     def remove_stale(self, now=None):
