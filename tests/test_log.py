@@ -2,6 +2,8 @@
 import io
 import os
 import re
+import signal
+import threading
 import time
 
 import pytest
@@ -138,3 +140,110 @@ def test_a_file_moved_away_is_followed_within_a_second(tmp_path, monkeypatch):
     log.close()
     assert lines((tmp_path / "smtpd.log.1").read_text()) == ["before", "same second"]
     assert lines(path.read_text()) == ["after"]
+
+
+class StalledConsole(io.StringIO):
+    """A console whose first write blocks until `go` is set, as a write(2) to a slow
+    terminal or a full pipe does; `stalled` is set once that write has begun."""
+
+    def __init__(self):
+        super().__init__()
+        self.stalled, self.go = threading.Event(), threading.Event()
+
+    def write(self, text):
+        if not self.stalled.is_set():
+            self.stalled.set()
+            assert self.go.wait(10)
+        return super().write(text)
+
+
+def test_no_session_waits_on_another_threads_write_and_no_line_is_lost(tmp_path):
+    console = StalledConsole()
+    log = Log("INFO", console=console)
+    log.open_file(str(tmp_path / "smtpd.log"))
+    writer = threading.Thread(target=log.info, args=("first",))
+    writer.start()
+    assert console.stalled.wait(10)         # the writer is inside its write
+    flushed = threading.Event()
+
+    def session():
+        log.dialogue("[b] <- NOOP")
+        log.flush()
+        flushed.set()
+
+    other = threading.Thread(target=session)
+    other.start()
+    assert flushed.wait(10)                 # flush() left its line to the writer
+    assert lines((tmp_path / "smtpd.log").read_text()) == []
+    console.go.set()
+    writer.join(10)
+    other.join(10)
+    log.close()
+    assert lines(console.getvalue()) == ["first", "[b] <- NOOP"]
+    assert lines((tmp_path / "smtpd.log").read_text()) == ["first", "[b] <- NOOP"]
+
+
+def test_a_line_written_while_another_thread_writes_is_out_when_write_returns(tmp_path):
+    console = StalledConsole()
+    log = Log("INFO", console=console)
+    path = tmp_path / "smtpd.log"
+    log.open_file(str(path))
+    writer = threading.Thread(target=log.info, args=("first",))
+    writer.start()
+    assert console.stalled.wait(10)
+    seen_on_return = []
+    second = threading.Thread(
+        target=lambda: (log.info("second"), seen_on_return.append(path.read_text())))
+    second.start()
+    second.join(0.2)                        # it must still be waiting for the writer
+    assert second.is_alive() and not seen_on_return
+    console.go.set()
+    writer.join(10)
+    second.join(10)
+    log.close()
+    assert lines(seen_on_return[0]) == ["first", "second"]
+
+
+def test_a_child_forked_while_a_thread_writes_writes_its_own_lines(tmp_path):
+    """[server] processes: the thread writing at the fork does not exist in the child, nor
+    does the end of its batch; the child's lines go out all the same."""
+    console = StalledConsole()
+    path = tmp_path / "smtpd.log"
+    log = Log("INFO", console=console)
+    log.open_file(str(path))
+    writer = threading.Thread(target=log.info, args=("parent",))
+    writer.start()
+    assert console.stalled.wait(10)
+    pid = os.fork()
+    if pid == 0:                                    # the child: never back into pytest
+        code = 1
+        try:
+            signal.alarm(10)                        # a child that hangs dies
+            log.reopen_after_fork()
+            log.info("child")
+            log.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    console.go.set()
+    writer.join(10)
+    log.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert sorted(lines(path.read_text())) == ["child", "parent"]
+
+
+class BrokenConsole(io.StringIO):
+    def write(self, text):
+        raise RuntimeError("the console is broken")
+
+
+def test_a_console_that_raises_takes_no_line_from_the_file(tmp_path):
+    path = tmp_path / "smtpd.log"
+    log = Log("INFO", console=BrokenConsole())
+    log.open_file(str(path))
+    log.info("first")
+    log.dialogue("[a] <- NOOP")
+    log.flush()
+    log.close()
+    assert lines(path.read_text()) == ["first", "[a] <- NOOP"]
