@@ -163,7 +163,7 @@ class Child:
 class Supervisor:
     """The server as processes; made where smtpd.Server would be (daemon.start_service)."""
 
-    def __init__(self, make_server, config, log):
+    def __init__(self, make_server, config, log, arrived=None):
         self.config = config
         self.log = log
         self.server = make_server(config, log)  # built and bound here, forked into each child
@@ -171,7 +171,8 @@ class Supervisor:
         self.admission = Admission(config)
         self.children = {}                      # channel fileno -> Child
         self.restarts = []                      # (when, role, number) of children to fork
-        self.signals = None                     # signals.Signals, while the loop runs
+        # signals.Signals, made before start(): a child forked meanwhile closes it
+        self.signals = arrived
         self.stop_requested = False
         self.flush_requested = False
         self.stopping_since = None              # when SIGTERM went to the accepting processes
@@ -238,8 +239,9 @@ class Supervisor:
 
     # the loop
 
-    def run_until_signalled(self):
-        self.signals = signals.Signals(signals.HANDLED)
+    def run_until_signalled(self, arrived):
+        """`arrived`: the signals.Signals for signals.HANDLED, made before start()."""
+        self.signals = arrived
         while self.children or self.restarts:
             self._act_on_signals()
             self._restart_due()

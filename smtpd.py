@@ -504,10 +504,11 @@ class Server:
         self.system.start_queue()
         self.start_web()
 
-    def run_until_signalled(self):
+    def run_until_signalled(self, arrived):
         """SIGINT/SIGTERM/SIGHUP stop the server; SIGUSR1 makes the queue due now (--flush).
-        The main thread does nothing else (signals.py says why it waits that way)."""
-        arrived = signals.Signals(signals.HANDLED)
+        `arrived`: the signals.Signals for signals.HANDLED, made before the server started,
+        so that a signal that came meanwhile is acted on now. The main thread does nothing
+        else (signals.py says why it waits that way)."""
         while True:
             numbers = arrived.wait()
             if signals.FLUSH in numbers:
@@ -598,13 +599,16 @@ def main(argv=None):
                                         args.selector or config.dkim_selector)
         if args.tls_domains:
             return commands.show_tls_domains(config)
+        # From here a SIGTERM waits for the server to be up, then stops it in order: the
+        # default action would kill a server that has already greeted a client.
+        arrived = signals.Signals(signals.HANDLED)
         make_server = Server if config.processes == 1 else \
-            functools.partial(processes.Supervisor, Server)
+            functools.partial(processes.Supervisor, Server, arrived=arrived)
         server = daemon.start_service(config, make_server)
     except (configuration.ConfigError, daemon.StartupError, StorageError, UsersFileError,
             AliasError, dkimsign.SigningKeyError) as error:
         return commands.fail(f"smtpd: {error}")
-    return server.run_until_signalled()
+    return server.run_until_signalled(arrived)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ responder on 127.0.0.1; nothing leaves the loopback.
 """
 import email
 import email.policy
+import errno
 import os
 import re
 import select
@@ -360,6 +361,31 @@ def test_sigterm_taken_by_a_thread_other_than_the_main_one_stops_it(sandbox):
     threads = other_threads(server.pid)
     assert threads, "the server runs an accept thread at least"
     os.kill(threads[-1], signal.SIGTERM)
+    assert server.wait_exit() == 0, server.stderr_text(last=10)
+    assert sandbox.log_text().rstrip().endswith("stopped"), sandbox.log_text()[-500:]
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_sigterm_during_start_up_stops_the_server_in_order_once_it_is_up(sandbox,
+                                                                            processes):
+    """The users file as a named pipe holds the start-up at its read: a SIGTERM then must
+    not kill the server (the default action) but stop it once it is up, as any SIGTERM."""
+    os.unlink(sandbox.users_file)
+    os.mkfifo(sandbox.users_file, 0o644)
+    server = sandbox.start({"server.processes": processes}, wait=False)
+
+    def reader_is_there():
+        try:
+            return os.open(sandbox.users_file, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as error:             # ENXIO: nobody has it open for reading yet
+            assert error.errno == errno.ENXIO, error
+            return None
+
+    writer = wait_until(reader_is_there, 10)
+    assert writer, server.stderr_text(last=10)
+    server.signal(signal.SIGTERM)
+    os.write(writer, b"alice\n")
+    os.close(writer)
     assert server.wait_exit() == 0, server.stderr_text(last=10)
     assert sandbox.log_text().rstrip().endswith("stopped"), sandbox.log_text()[-500:]
 
