@@ -12,13 +12,13 @@ protocol `Policy`; the bounce builder and anything else that makes mail call `su
     submit(draft)                                durable in Maildir and spool, queue told
     submit_message(envelope, message)            the same for a message already in memory
 """
-import secrets
 import ssl
 import time
 
 import authresults
 import dkimsign
 import dsn
+import ids
 import queuerunner
 import state
 from aliases import Aliases
@@ -139,7 +139,7 @@ class MailSystem:
         copy. Raises StorageError."""
         plan = self.router.plan(envelope)
         for forward in plan.forwards:
-            forward.envelope.queue_id = secrets.token_hex(8)
+            forward.envelope.queue_id = ids.queue_id()
             self.log.info("[%s] %s forwarded as %s to %s", envelope.queue_id,
                           forward.delivered_to.text, forward.envelope.queue_id,
                           ", ".join(f"<{r.address.text}>" for r in forward.envelope.recipients))
@@ -186,7 +186,7 @@ class MailSystem:
     def submit_message(self, envelope, message):
         """Submit a message that is already whole in memory (a bounce): CRLF line ends, not
         dot-stuffed. Gives it a queue id if it has none."""
-        envelope.queue_id = envelope.queue_id or secrets.token_hex(8)
+        envelope.queue_id = envelope.queue_id or ids.queue_id()
         if not message.endswith(b"\r\n"):
             message += b"\r\n"
         draft = self.open_message(envelope)

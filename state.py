@@ -10,10 +10,10 @@ reply says what the connection does next (`Reply.then`: read a command, read the
 text, read a SASL line, start TLS, close), so the socket layer only does what it is told.
 What the protocol needs from outside (routing, the disk, passwords) is in `session.policy`.
 """
-import secrets
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
+import ids
 import replies
 import sasl
 from envelope import Client, Envelope
@@ -84,7 +84,7 @@ class Transition(NamedTuple):
 class Session:
     policy: Policy
     client: Client
-    id: str = field(default_factory=lambda: secrets.token_hex(3))
+    id: str = field(default_factory=ids.session_id)
     state: str = START
     helo: Optional[str] = None          # the name from HELO/EHLO
     esmtp: bool = False                 # EHLO rather than HELO

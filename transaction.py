@@ -10,10 +10,10 @@ says where the session goes next. The envelope is built up here and handed, with
 as it arrives, to the mail system through `policy.open_message` and `policy.submit`.
 """
 import ipaddress
-import secrets
 from typing import NamedTuple, Optional
 
 import dsn
+import ids
 import replies
 from address import (AddressError, NeedsSmtputf8, parse_parameters, parse_path,
                      split_path_and_parameters)
@@ -165,7 +165,7 @@ def _open_message(session):
     """Give the envelope its queue id and open the files its text goes to, with this
     server's Received: line first. Raises StorageError."""
     policy, envelope = session.policy, session.envelope
-    envelope.queue_id = secrets.token_hex(8)
+    envelope.queue_id = ids.queue_id()
     trace_line = received_header(
         session.helo, session.client_literal, policy.hostname, received_protocol(session),
         envelope.queue_id, [recipient.address for recipient in envelope.recipients])

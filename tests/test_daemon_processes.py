@@ -328,6 +328,29 @@ def test_two_processes_run_as_nobody_and_each_accepting_process_delivers(sandbox
     require_root("the privilege drop is only checked when started as root")
 
 
+def test_the_accepting_processes_give_sessions_and_messages_names_apart(sandbox):
+    """ids.py: the accepting processes are forked from one supervisor; each must name its
+    sessions and messages from a random state of its own, or they repeat each other's."""
+    server = sandbox.start(TWO)
+    tree = process_tree(server, 2)
+    queue_ids = []
+    for pid in tree.accepting:
+        for number in range(3):
+            with session_on(server, tree, pid) as client:
+                assert client.greeting[0] == 220, client.greeting
+                queued = transaction(client, subject=f"{pid} {number}")
+            queue_ids.append(re.search(r"queued as ([0-9a-f]{16})$", queued).group(1))
+    assert server.stop() == 0
+    assert len(set(queue_ids)) == len(queue_ids), queue_ids
+    session_ids = {SESSION_LINE.match(line).group(1) for line in sandbox.log_text().splitlines()
+                   if SESSION_LINE.match(line)}
+    assert len(session_ids) == len(queue_ids), session_ids
+    stored = sandbox.maildir_messages("alice@test.ru")
+    assert len(stored) == len(queue_ids)
+    for queue_id in queue_ids:                      # each Received: line names its message
+        assert sum(f"id {queue_id}".encode() in message for message in stored) == 1, queue_id
+
+
 def test_processes_auto_starts_one_accepting_process_per_core(sandbox):
     cores = os.cpu_count() or 1
     server = sandbox.start({"server.processes": "auto"})
