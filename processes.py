@@ -413,6 +413,7 @@ class RemoteAdmission:
         self.answers = queue.SimpleQueue()      # (question number, None or the 421)
         self.asked = 0
         self.given_up = {}                      # question number -> ip
+        self.given_up_lock = threading.Lock()   # the waiting thread and the link's reader
         self.lock = threading.Lock()            # one question at a time (one per listener)
 
     def admit(self, ip):
@@ -428,18 +429,31 @@ class RemoteAdmission:
                     answered, refusal = self.answers.get(
                         timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    self.given_up[number] = ip
+                    with self.given_up_lock:
+                        self.given_up[number] = ip
                     self.log.error("the supervisor did not answer within %.0f s whether %s "
                                    "may start a session", ADMIT_TIMEOUT, ip)
                     return replies.UNAVAILABLE.format(hostname=self.config.hostname)
                 if answered == number:
                     return refusal
-                late_ip = self.given_up.pop(answered, None)
-                if refusal is None and late_ip is not None:
-                    self.release(late_ip)
+                self._give_back_if_late(answered, refusal)  # put just before it was given up
 
     def answered(self, number, refusal):
-        self.answers.put((number, refusal))
+        """An answer, from the link's reader thread. One that comes after its question was
+        given up on gives its place back at once: that client has had its 421, and a client
+        of another process may be waiting for the place."""
+        if not self._give_back_if_late(number, refusal):
+            self.answers.put((number, refusal))
+
+    def _give_back_if_late(self, number, refusal):
+        """True if question `number` was given up on; a place it granted is released."""
+        with self.given_up_lock:
+            ip = self.given_up.pop(number, None)
+        if ip is None:
+            return False
+        if refusal is None:
+            self.release(ip)
+        return True
 
     def release(self, ip):
         self.link.send(Say.RELEASE, ip)
