@@ -429,31 +429,41 @@ class RemoteAdmission:
                     answered, refusal = self.answers.get(
                         timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
-                    with self.given_up_lock:
-                        self.given_up[number] = ip
+                    self._give_up(number, ip)
                     self.log.error("the supervisor did not answer within %.0f s whether %s "
                                    "may start a session", ADMIT_TIMEOUT, ip)
                     return replies.UNAVAILABLE.format(hostname=self.config.hostname)
                 if answered == number:
                     return refusal
-                self._give_back_if_late(answered, refusal)  # put just before it was given up
 
     def answered(self, number, refusal):
         """An answer, from the link's reader thread. One that comes after its question was
         given up on gives its place back at once: that client has had its 421, and a client
         of another process may be waiting for the place."""
-        if not self._give_back_if_late(number, refusal):
-            self.answers.put((number, refusal))
+        with self.given_up_lock:
+            late = number in self.given_up
+            if not late:
+                self.answers.put((number, refusal))
+        if late:
+            self._give_back(number, refusal)
 
-    def _give_back_if_late(self, number, refusal):
-        """True if question `number` was given up on; a place it granted is released."""
+    def _give_up(self, number, ip):
+        """Question `number` is given up on. An answer the reader queued after the wait
+        ended and before this is late as well."""
+        with self.given_up_lock:
+            self.given_up[number] = ip
+            arrived = []
+            while not self.answers.empty():
+                arrived.append(self.answers.get_nowait())
+        for answered, refusal in arrived:
+            self._give_back(answered, refusal)
+
+    def _give_back(self, number, refusal):
+        """A late answer: the place it granted, if any, is released."""
         with self.given_up_lock:
             ip = self.given_up.pop(number, None)
-        if ip is None:
-            return False
-        if refusal is None:
+        if ip is not None and refusal is None:
             self.release(ip)
-        return True
 
     def release(self, ip):
         self.link.send(Say.RELEASE, ip)
